@@ -110,8 +110,18 @@ class RunFailed(Event):
     log_tail: str = ""
 
 
+@dataclass(frozen=True)
+class RunQueued(Event):
+    """The scheduler accepted the run; it waits for free GPUs. Made by the scheduler only."""
+
+    type: ClassVar[str] = "queued"
+    spec: dict[str, Any]
+    """The RunSpec as a dict (``RunSpec.from_dict`` reads it back)."""
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.type: cls for cls in (RunStarted, RunProgress, SampleScored, RunFinished, RunFailed)
+    cls.type: cls
+    for cls in (RunQueued, RunStarted, RunProgress, SampleScored, RunFinished, RunFailed)
 }
 
 

@@ -1,0 +1,21 @@
+"""The results store (SQLite): the only writer of runs, results and samples."""
+
+from slmtui.store.store import (
+    RUN_STATUSES,
+    TERMINAL_STATUSES,
+    ResultRow,
+    RunRow,
+    RunStatus,
+    SampleRow,
+    Store,
+)
+
+__all__ = [
+    "RUN_STATUSES",
+    "TERMINAL_STATUSES",
+    "ResultRow",
+    "RunRow",
+    "RunStatus",
+    "SampleRow",
+    "Store",
+]

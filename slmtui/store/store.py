@@ -1,0 +1,498 @@
+"""The results store: the only writer of results, one SQLite file (stdlib ``sqlite3``).
+
+Every event that matters is committed in its own transaction the moment it is recorded, so a
+killed app loses nothing it has seen finish. WAL mode lets the console read while a run writes
+and lets several slmtui processes share one store. Results are committed with
+``synchronous=FULL`` (durable even on power loss); samples with ``NORMAL`` (durable when the
+process dies, cheap enough for one commit per sample).
+
+The connection is shared by all threads of the process behind a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+
+from slmtui import paths
+from slmtui.errors import UserError
+from slmtui.protocol import (
+    Event,
+    RunFailed,
+    RunFinished,
+    RunProgress,
+    RunQueued,
+    RunStarted,
+    SampleScored,
+)
+from slmtui.spec import RunSpec
+from slmtui.store.schema import SCHEMA_VERSION, migrate
+
+RunStatus = Literal["queued", "running", "finished", "failed", "cancelled"]
+RUN_STATUSES: tuple[str, ...] = ("queued", "running", "finished", "failed", "cancelled")
+TERMINAL_STATUSES: tuple[str, ...] = ("finished", "failed", "cancelled")
+
+_BUSY_TIMEOUT_S = 30.0
+_APP_START_TOLERANCE_S = 0.5
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One run as stored, in any status. Metric columns are ``None`` until it finishes."""
+
+    run_id: str
+    run_key: str
+    model: str
+    task: str
+    gpus: int
+    engine: str
+    status: RunStatus
+    spec: RunSpec
+    queued_at: float
+    """Unix seconds when the run was submitted."""
+    started_at: float | None
+    """Unix seconds when the worker reported it was alive."""
+    finished_at: float | None
+    """Unix seconds when the run ended (finished, failed or cancelled)."""
+    hardware: dict[str, Any] = field(default_factory=dict)
+    accuracy: float | None = None
+    throughput: float | None = None
+    """THR per GPU (CPU counts as one), in ``throughput_unit``."""
+    throughput_unit: str | None = None
+    latency_ms: float | None = None
+    """ms per generated token (generate) or per sample (loglikelihood)."""
+    memory_mb: float | None = None
+    """Peak memory of the run in MB (``metrics['mem_source']`` says which counter)."""
+    energy_j: float | None = None
+    """Energy over the measured window in J; ``None`` on CPU."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error_reason: str | None = None
+    error_message: str | None = None
+    log_tail: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """A finished run: what the PER table, reports and exports read."""
+
+    run_id: str
+    run_key: str
+    model: str
+    task: str
+    gpus: int
+    engine: str
+    spec: RunSpec
+    accuracy: float | None
+    throughput: float | None
+    """THR per GPU (CPU counts as one), in ``throughput_unit``."""
+    throughput_unit: str | None
+    latency_ms: float | None
+    """ms per generated token (generate) or per sample (loglikelihood)."""
+    memory_mb: float | None
+    """Peak memory of the run in MB (``metrics['mem_source']`` says which counter)."""
+    energy_j: float | None
+    """Energy over the measured window in J; ``None`` on CPU."""
+    metrics: dict[str, Any]
+    hardware: dict[str, Any]
+    started_at: float | None
+    finished_at: float
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    @property
+    def data_source(self) -> str | None:
+        """Where the items came from: "file", "data_dir", "hub" or "sample" (not the benchmark)."""
+        return self.metrics.get("data_source")
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """One scored benchmark item of a run."""
+
+    run_id: str
+    index: int
+    item_id: str
+    prompt: str
+    output: str
+    gold: str
+    score: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Store:
+    """The SQLite results store. ``Store(path)`` creates or migrates the file and recovers
+    runs a killed app left behind (see ``recover``)."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path) if path is not None else paths.default_db_path()
+        in_memory = str(path) == ":memory:"
+        if not in_memory:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(
+                    f"--db {self.path}: cannot create its folder ({exc.strerror}); "
+                    "give a writable path"
+                ) from exc
+        self._lock = threading.RLock()
+        try:
+            self._conn = sqlite3.connect(
+                ":memory:" if in_memory else str(self.path),
+                timeout=_BUSY_TIMEOUT_S,
+                isolation_level=None,  # transactions are explicit: one per recorded event
+                check_same_thread=False,  # shared by threads behind self._lock
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            migrate(self._conn)
+        except sqlite3.DatabaseError as exc:
+            raise UserError(
+                f"--db {self.path}: not a slmtui results store ({exc}); "
+                "give a new path or an existing store"
+            ) from exc
+        except RuntimeError as exc:
+            raise UserError(f"--db {self.path}: {exc}") from exc
+        me = psutil.Process()
+        self._app_pid = me.pid
+        self._app_started_at = me.create_time()
+        self.recovered: list[str] = self.recover()
+        """Run ids that ``recover`` marked when this store was opened."""
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def begin_run(self, run_id: str, spec: RunSpec, *, queued_at: float | None = None) -> None:
+        """Record a submitted run as queued (owned by this process until it ends)."""
+        t = time.time() if queued_at is None else queued_at
+        with self._transaction() as conn:
+            self._insert(conn, run_id, spec, "queued", t)
+
+    def record(self, event: Event) -> None:
+        """Commit what an event says about its run, in one transaction.
+
+        ``queued``, ``started``, ``sample``, ``result`` and ``error`` events are stored;
+        ``progress`` is not. A run in a terminal status (finished, failed, cancelled) never
+        changes again, so a late or repeated event cannot undo a result.
+        """
+        if isinstance(event, RunProgress):
+            return
+        if isinstance(event, RunQueued):
+            with self._transaction() as conn:
+                self._insert(conn, event.run_id, RunSpec.from_dict(event.spec), "queued", event.t)
+        elif isinstance(event, RunStarted):
+            with self._transaction() as conn:
+                self._record_started(conn, event)
+        elif isinstance(event, SampleScored):
+            with self._transaction() as conn:
+                self._require_run(conn, event.run_id)
+                conn.execute(
+                    "INSERT OR REPLACE INTO samples"
+                    " (run_id, idx, item_id, prompt, output, gold, score, extra_json)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        event.run_id,
+                        event.index,
+                        event.item_id,
+                        event.prompt,
+                        event.output,
+                        event.gold,
+                        float(event.score),
+                        _dumps(event.extra),
+                    ),
+                )
+        elif isinstance(event, RunFinished):
+            with self._transaction(durable=True) as conn:
+                self._require_run(conn, event.run_id)
+                m = event.metrics
+                conn.execute(
+                    "UPDATE runs SET status = 'finished', finished_at = ?, accuracy = ?,"
+                    " throughput = ?, throughput_unit = ?, latency_ms = ?, memory_mb = ?,"
+                    " energy_j = ?, metrics_json = ?"
+                    " WHERE run_id = ? AND status IN ('queued', 'running')",
+                    (
+                        event.t,
+                        _number(m.get("accuracy")),
+                        _number(m.get("throughput")),
+                        m.get("throughput_unit"),
+                        _number(m.get("latency_ms")),
+                        _number(m.get("peak_mem_mb")),
+                        _number(m.get("energy_j")),
+                        _dumps(m),
+                        event.run_id,
+                    ),
+                )
+        elif isinstance(event, RunFailed):
+            status = "cancelled" if event.reason == "cancelled" else "failed"
+            with self._transaction(durable=True) as conn:
+                self._require_run(conn, event.run_id)
+                conn.execute(
+                    "UPDATE runs SET status = ?, finished_at = ?, error_reason = ?,"
+                    " error_message = ?, log_tail = ?"
+                    " WHERE run_id = ? AND status IN ('queued', 'running')",
+                    (status, event.t, event.reason, event.message, event.log_tail, event.run_id),
+                )
+        else:
+            raise TypeError(f"the store does not record {type(event).__name__} events")
+
+    def recover(self) -> list[str]:
+        """Close runs whose app is gone: running -> failed ("crashed"), queued -> cancelled.
+
+        A run belongs to the process that submitted it; runs of a live slmtui (another
+        console or headless run sharing this store) are left alone. Returns the run ids marked.
+        """
+        marked: list[str] = []
+        now = time.time()
+        with self._transaction(durable=True) as conn:
+            rows = conn.execute(
+                "SELECT run_id, status, app_pid, app_started_at FROM runs"
+                " WHERE status IN ('queued', 'running')"
+            ).fetchall()
+            for run_id, status, app_pid, app_started_at in rows:
+                if _process_alive(app_pid, app_started_at):
+                    continue
+                if status == "running":
+                    conn.execute(
+                        "UPDATE runs SET status = 'failed', finished_at = ?,"
+                        " error_reason = 'crashed', error_message = ? WHERE run_id = ?",
+                        (now, "app exited during the run", run_id),
+                    )
+                else:
+                    conn.execute(
+                        "UPDATE runs SET status = 'cancelled', finished_at = ?,"
+                        " error_reason = 'cancelled', error_message = ? WHERE run_id = ?",
+                        (now, "app exited before the run started", run_id),
+                    )
+                marked.append(run_id)
+        return marked
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def completed_keys(self) -> set[str]:
+        """Run keys with a finished run: ``plan`` skips these unless asked to rerun."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT DISTINCT run_key FROM runs WHERE status = 'finished'"
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def results(
+        self, tasks: Iterable[str] | None = None, models: Iterable[str] | None = None
+    ) -> list[ResultRow]:
+        """Finished runs, the latest per run key, optionally only these tasks / model names."""
+        where = ["status = 'finished'"]
+        params: list[Any] = []
+        for column, values in (("task", tasks), ("model", models)):
+            if values is not None:
+                values = list(values)
+                where.append(f"{column} IN ({', '.join('?' * len(values))})" if values else "0")
+                params.extend(values)
+        sql = (
+            "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY run_key"
+            " ORDER BY finished_at DESC, rowid DESC) AS latest FROM runs"
+            f" WHERE {' AND '.join(where)}) WHERE latest = 1 ORDER BY task, model, gpus, run_id"
+        )
+        return [_result_row(r) for r in self._select(sql, params)]
+
+    def runs(self, statuses: Sequence[str] | None = None) -> list[RunRow]:
+        """Every run (or only those in ``statuses``), oldest first."""
+        sql = "SELECT * FROM runs"
+        params: list[Any] = []
+        if statuses is not None:
+            sql += f" WHERE status IN ({', '.join('?' * len(statuses))})"
+            params.extend(statuses)
+        sql += " ORDER BY queued_at, rowid"
+        return [_run_row(r) for r in self._select(sql, params)]
+
+    def run(self, run_id: str) -> RunRow | None:
+        rows = self._select("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        return _run_row(rows[0]) if rows else None
+
+    def samples(self, run_id: str) -> list[SampleRow]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT run_id, idx, item_id, prompt, output, gold, score, extra_json"
+                " FROM samples WHERE run_id = ? ORDER BY idx",
+                (run_id,),
+            ).fetchall()
+        return [
+            SampleRow(
+                run_id=r[0],
+                index=r[1],
+                item_id=r[2],
+                prompt=r[3],
+                output=r[4],
+                gold=r[5],
+                score=r[6],
+                extra=json.loads(r[7]),
+            )
+            for r in rows
+        ]
+
+    @property
+    def schema_version(self) -> int:
+        return SCHEMA_VERSION
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction; ``durable`` syncs the WAL at commit (survives power loss)."""
+        with self._lock:
+            conn = self._conn
+            if durable:
+                conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            else:
+                conn.execute("COMMIT")
+            finally:
+                if durable:
+                    conn.execute("PRAGMA synchronous=NORMAL")
+
+    def _select(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        with self._lock:
+            cursor = self._conn.execute(sql, params)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
+
+    def _insert(
+        self, conn: sqlite3.Connection, run_id: str, spec: RunSpec, status: str, t: float
+    ) -> None:
+        conn.execute(
+            "INSERT INTO runs (run_id, run_key, model, task, gpus, engine, status, spec_json,"
+            " queued_at, started_at, app_pid, app_started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
+            " ?, ?, ?, ?) ON CONFLICT (run_id) DO NOTHING",
+            (
+                run_id,
+                spec.run_key,
+                spec.model.name,
+                spec.task,
+                spec.gpus,
+                spec.engine,
+                status,
+                spec.to_json(),
+                t,
+                t if status == "running" else None,
+                self._app_pid,
+                self._app_started_at,
+            ),
+        )
+
+    def _record_started(self, conn: sqlite3.Connection, event: RunStarted) -> None:
+        exists = conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (event.run_id,)).fetchone()
+        if not exists:
+            self._insert(conn, event.run_id, RunSpec.from_dict(event.spec), "running", event.t)
+        conn.execute(
+            "UPDATE runs SET status = 'running', started_at = ?, worker_pid = ?,"
+            " hardware_json = ? WHERE run_id = ? AND status IN ('queued', 'running')",
+            (event.t, event.pid, _dumps(event.hardware), event.run_id),
+        )
+
+    @staticmethod
+    def _require_run(conn: sqlite3.Connection, run_id: str) -> None:
+        if not conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone():
+            raise KeyError(f"run {run_id!r} is not in the store (begin_run first)")
+
+
+def _process_alive(pid: int, started_at: float) -> bool:
+    """Whether the process that wrote a run still runs (pid reuse ruled out by start time)."""
+    try:
+        return abs(psutil.Process(pid).create_time() - started_at) < _APP_START_TOLERANCE_S
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _number(value: Any) -> float | None:
+    """A finite float for a flat metric column, else None (missing, NaN, not a number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _loads(text: str | None) -> dict[str, Any]:
+    return json.loads(text) if text else {}
+
+
+def _run_row(r: dict[str, Any]) -> RunRow:
+    return RunRow(
+        run_id=r["run_id"],
+        run_key=r["run_key"],
+        model=r["model"],
+        task=r["task"],
+        gpus=r["gpus"],
+        engine=r["engine"],
+        status=r["status"],
+        spec=RunSpec.from_json(r["spec_json"]),
+        queued_at=r["queued_at"],
+        started_at=r["started_at"],
+        finished_at=r["finished_at"],
+        hardware=_loads(r["hardware_json"]),
+        accuracy=r["accuracy"],
+        throughput=r["throughput"],
+        throughput_unit=r["throughput_unit"],
+        latency_ms=r["latency_ms"],
+        memory_mb=r["memory_mb"],
+        energy_j=r["energy_j"],
+        metrics=_loads(r["metrics_json"]),
+        error_reason=r["error_reason"],
+        error_message=r["error_message"],
+        log_tail=r["log_tail"],
+    )
+
+
+def _result_row(r: dict[str, Any]) -> ResultRow:
+    return ResultRow(
+        run_id=r["run_id"],
+        run_key=r["run_key"],
+        model=r["model"],
+        task=r["task"],
+        gpus=r["gpus"],
+        engine=r["engine"],
+        spec=RunSpec.from_json(r["spec_json"]),
+        accuracy=r["accuracy"],
+        throughput=r["throughput"],
+        throughput_unit=r["throughput_unit"],
+        latency_ms=r["latency_ms"],
+        memory_mb=r["memory_mb"],
+        energy_j=r["energy_j"],
+        metrics=_loads(r["metrics_json"]),
+        hardware=_loads(r["hardware_json"]),
+        started_at=r["started_at"],
+        finished_at=r["finished_at"],
+    )
