@@ -1,0 +1,205 @@
+"""PER as DESIGN.md defines it, checked against numbers worked by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from slmtui.errors import UserError
+from slmtui.per import PerInput, compute_per
+
+
+def row(model: str, acc: float, thr: float, lat: float, mem: float, **kw) -> PerInput:
+    return PerInput(
+        model=model,
+        task=kw.pop("task", "gsm8k"),
+        accuracy=acc,
+        throughput=thr,
+        latency_ms=lat,
+        memory_mb=mem,
+        **kw,
+    )
+
+
+# Worked on paper:
+#   A: acc 0.80, thr 150, lat  8, mem 1200
+#   B: acc 0.60, thr 250, lat  4, mem  800
+#   C: acc 0.50, thr  50, lat 12, mem 2000
+# acc  range 0.5..0.8  -> A 1,   B 1/3, C 0
+# thr  range 50..250   -> A 0.5, B 1,   C 0
+# lat  range 4..12 (lower better)    -> A 1 - 4/8 = 0.5,        B 1, C 0
+# mem  range 800..2000 (lower better) -> A 1 - 400/1200 = 2/3,  B 1, C 0
+# PER A = (1 * 0.5 * 0.5 * 2/3)^(1/4) = (1/6)^(1/4) = 0.638943
+# PER B = (1/3 * 1 * 1 * 1)^(1/4)     = (1/3)^(1/4) = 0.759836
+# PER C = 0 (worst on every factor)
+THREE = [
+    row("A", 0.80, 150, 8, 1200),
+    row("B", 0.60, 250, 4, 800),
+    row("C", 0.50, 50, 12, 2000),
+]
+
+
+def by_model(rows):
+    return {r.model: r for r in rows}
+
+
+def test_three_models_match_hand_computed_per():
+    result = by_model(compute_per(THREE))
+    a, b, c = result["A"], result["B"], result["C"]
+    assert (a.acc_n, a.thr_n, a.lat_n) == pytest.approx((1.0, 0.5, 0.5))
+    assert a.mem_n == pytest.approx(2 / 3)
+    assert (b.acc_n, b.thr_n, b.lat_n, b.mem_n) == pytest.approx((1 / 3, 1.0, 1.0, 1.0))
+    assert a.per == pytest.approx(0.638943, abs=1e-6)
+    assert b.per == pytest.approx(0.759836, abs=1e-6)
+    assert c.per == 0.0
+
+
+def test_rows_come_back_best_first_with_ranks():
+    result = compute_per(THREE)
+    assert [(r.model, r.rank) for r in result] == [("B", 1), ("A", 2), ("C", 3)]
+
+
+def test_pareto_front_excludes_only_the_dominated_model():
+    result = by_model(compute_per(THREE))
+    assert result["A"].pareto and result["B"].pareto
+    assert not result["C"].pareto
+
+
+def test_one_model_gets_per_one():
+    (only,) = compute_per([row("solo", 0.3, 10, 50, 900)])
+    assert (only.acc_n, only.thr_n, only.lat_n, only.mem_n) == (1.0, 1.0, 1.0, 1.0)
+    assert only.per == 1.0 and only.rank == 1 and only.pareto
+
+
+def test_metric_equal_for_all_models_does_not_penalise():
+    # Same throughput, latency and memory: those factors are 1.0 for both; accuracy decides.
+    rows = [row("X", 0.9, 200, 10, 500), row("Y", 0.5, 200, 10, 500)]
+    x, y = (by_model(compute_per(rows))[m] for m in "XY")
+    assert x.thr_n == y.thr_n == x.lat_n == y.lat_n == x.mem_n == y.mem_n == 1.0
+    assert x.per == 1.0 and y.per == 0.0
+
+
+def test_zero_factor_makes_per_zero_even_when_best_elsewhere():
+    # D has the best throughput, latency and memory but the worst accuracy.
+    rows = [row("D", 0.1, 1000, 1, 100), row("E", 0.9, 10, 100, 10_000)]
+    d = by_model(compute_per(rows))["D"]
+    assert (d.thr_n, d.lat_n, d.mem_n, d.acc_n) == (1.0, 1.0, 1.0, 0.0)
+    assert d.per == 0.0
+    assert d.pareto  # not dominated: the Pareto flag sees what PER hides
+
+
+def test_weights_give_a_weighted_geometric_mean():
+    # Model A of THREE with accuracy weighted 2:
+    # (1^2 * 0.5 * 0.5 * (2/3))^(1/5) = (1/6)^(1/5) = 0.698827
+    a = by_model(compute_per(THREE, weights={"accuracy": 2}))["A"]
+    assert a.per == pytest.approx(0.698827, abs=1e-6)
+    # Weight 0 drops a factor: A without throughput = (1 * 0.5 * 2/3)^(1/3) = (1/3)^(1/3)
+    a = by_model(compute_per(THREE, weights={"throughput": 0}))["A"]
+    assert a.per == pytest.approx(3 ** (-1 / 3))
+
+
+def test_zero_weight_factor_no_longer_zeroes_per():
+    rows = [row("D", 0.1, 1000, 1, 100), row("E", 0.9, 10, 100, 10_000)]
+    d = by_model(compute_per(rows, weights={"accuracy": 0}))["D"]
+    assert d.per == 1.0
+
+
+def test_bad_weights_are_user_errors():
+    with pytest.raises(UserError, match="unknown factor 'acuracy'.*did you mean 'accuracy'"):
+        compute_per(THREE, weights={"acuracy": 2})
+    with pytest.raises(UserError, match="'latency' must be a number >= 0"):
+        compute_per(THREE, weights={"latency": -1})
+    with pytest.raises(UserError, match="all 0"):
+        compute_per(
+            THREE, weights=dict.fromkeys(("accuracy", "throughput", "latency", "memory"), 0)
+        )
+    with pytest.raises(UserError, match="energy is not a factor"):
+        compute_per(THREE, weights={"energy": 1})
+
+
+def test_log_scale_normalises_log10_of_costs():
+    # thr 10, 100, 1000 -> log10 1, 2, 3 -> 0, 0.5, 1 (linear would give 0, 0.0909, 1)
+    rows = [
+        row("s", 0.9, 10, 1, 1000),
+        row("m", 0.9, 100, 1, 1000),
+        row("l", 0.9, 1000, 1, 1000),
+    ]
+    linear = by_model(compute_per(rows))
+    logged = by_model(compute_per(rows, log_scale=True))
+    assert linear["m"].thr_n == pytest.approx(90 / 990)
+    assert logged["m"].thr_n == pytest.approx(0.5)
+    assert logged["m"].per == pytest.approx(0.5**0.25)
+    # accuracy stays linear, so a zero accuracy is fine under log scale
+    compute_per([row("z", 0.0, 10, 1, 10), row("y", 0.5, 20, 2, 20)], log_scale=True)
+
+
+def test_log_scale_rejects_non_positive_costs():
+    rows = [row("z", 0.5, 0, 1, 10), row("y", 0.5, 20, 2, 20)]
+    with pytest.raises(UserError, match="model 'z'.*throughput must be > 0 for log-scale"):
+        compute_per(rows, log_scale=True)
+
+
+def test_energy_as_fifth_factor():
+    # energy 2 J vs 4 J: P gets 1, Q gets 0 on energy; other factors equal -> P 1.0, Q 0.0
+    rows = [row("P", 0.5, 10, 1, 10, energy_j=2.0), row("Q", 0.5, 10, 1, 10, energy_j=4.0)]
+    result = by_model(compute_per(rows, energy=True))
+    assert (result["P"].energy_n, result["Q"].energy_n) == (1.0, 0.0)
+    assert (result["P"].per, result["Q"].per) == (1.0, 0.0)
+    assert result["P"].pareto and not result["Q"].pareto
+    # without energy the rows are tied, both on the front, energy_n unset
+    plain = by_model(compute_per(rows))
+    assert plain["Q"].energy_n is None
+    assert plain["P"].per == plain["Q"].per == 1.0
+    assert plain["P"].rank == plain["Q"].rank == 1
+    assert plain["P"].pareto and plain["Q"].pareto
+
+
+def test_missing_energy_names_the_model():
+    rows = [row("P", 0.5, 10, 1, 10, energy_j=2.0), row("cpu-model", 0.5, 10, 1, 10)]
+    with pytest.raises(UserError, match="model 'cpu-model' on task 'gsm8k' has no energy_j"):
+        compute_per(rows, energy=True)
+
+
+def test_negative_or_nan_metrics_are_rejected():
+    with pytest.raises(UserError, match="model 'n'.*memory_mb must be a finite number >= 0"):
+        compute_per([row("n", 0.5, 10, 1, -5)])
+    with pytest.raises(UserError, match="latency_ms must be a finite number"):
+        compute_per([row("n", 0.5, 10, math.nan, 5)])
+
+
+def test_several_tasks_are_normalised_apart():
+    rows = [
+        *THREE,
+        row("A", 0.2, 10, 100, 1000, task="imdb"),
+        row("B", 0.9, 20, 50, 500, task="imdb"),
+    ]
+    result = compute_per(rows)
+    assert [r.task for r in result] == ["gsm8k"] * 3 + ["imdb"] * 2
+    imdb = by_model(r for r in result if r.task == "imdb")
+    assert imdb["B"].per == 1.0 and imdb["A"].per == 0.0
+    assert imdb["B"].rank == 1 and imdb["B"].pareto and not imdb["A"].pareto
+    gsm = by_model(r for r in result if r.task == "gsm8k")
+    assert gsm["B"].per == pytest.approx(0.759836, abs=1e-6)  # unchanged by the imdb rows
+
+
+def test_pareto_compares_raw_metrics_with_direction():
+    # F is faster than G but uses more memory: neither dominates.
+    # H equals G everywhere except a worse latency: G dominates H.
+    rows = [
+        row("F", 0.7, 200, 5, 900),
+        row("G", 0.7, 100, 5, 500),
+        row("H", 0.7, 100, 6, 500),
+    ]
+    result = by_model(compute_per(rows))
+    assert result["F"].pareto and result["G"].pareto and not result["H"].pareto
+
+
+def test_identical_rows_are_both_on_the_front():
+    rows = [row("twin1", 0.7, 100, 5, 500), row("twin2", 0.7, 100, 5, 500)]
+    assert all(r.pareto and r.per == 1.0 for r in compute_per(rows))
+
+
+def test_key_and_unit_pass_through():
+    (r,) = compute_per([row("k", 0.5, 1, 1, 1, key="run-1", throughput_unit="tokens/s")])
+    assert r.input.key == "run-1" and r.input.throughput_unit == "tokens/s"
