@@ -106,7 +106,7 @@ def test_zero_weight_factor_no_longer_zeroes_per():
 
 
 def test_bad_weights_are_user_errors():
-    with pytest.raises(UserError, match="unknown factor 'acuracy'.*did you mean 'accuracy'"):
+    with pytest.raises(UserError, match=r"unknown factor 'acuracy'.*did you mean 'accuracy'"):
         compute_per(THREE, weights={"acuracy": 2})
     with pytest.raises(UserError, match="'latency' must be a number >= 0"):
         compute_per(THREE, weights={"latency": -1})
@@ -136,7 +136,7 @@ def test_log_scale_normalises_log10_of_costs():
 
 def test_log_scale_rejects_non_positive_costs():
     rows = [row("z", 0.5, 0, 1, 10), row("y", 0.5, 20, 2, 20)]
-    with pytest.raises(UserError, match="model 'z'.*throughput must be > 0 for log-scale"):
+    with pytest.raises(UserError, match=r"model 'z'.*throughput must be > 0 for log-scale"):
         compute_per(rows, log_scale=True)
 
 
@@ -162,7 +162,7 @@ def test_missing_energy_names_the_model():
 
 
 def test_negative_or_nan_metrics_are_rejected():
-    with pytest.raises(UserError, match="model 'n'.*memory_mb must be a finite number >= 0"):
+    with pytest.raises(UserError, match=r"model 'n'.*memory_mb must be a finite number >= 0"):
         compute_per([row("n", 0.5, 10, 1, -5)])
     with pytest.raises(UserError, match="latency_ms must be a finite number"):
         compute_per([row("n", 0.5, 10, math.nan, 5)])
