@@ -71,6 +71,9 @@ class TaskData:
     """Where the items came from: 'file', 'data_dir', 'hub' or 'sample'."""
     location: str
     """The file, directory or hub id read."""
+    fewshot_pool: list[Item] = field(default_factory=list)
+    """Every loaded item, before ``limit``: few-shot examples are drawn from here (never the item
+    itself), so they do not change with the limit. Empty means ``items``."""
 
 
 class Task(Protocol):
@@ -80,7 +83,16 @@ class Task(Protocol):
     modes: tuple[str, ...]
     primary_metric: str
     """The accuracy that enters PER (e.g. 'exact_match', 'f1', 'acc_norm', 'acc')."""
+    default_max_new_tokens: int
+    """Token budget of a generate request when the options give none (unused by loglikelihood)."""
+    default_num_fewshot: int
 
-    def build_request(self, item: Item, fewshot: list[Item], mode: str, max_new_tokens: int) -> Request: ...
+    def build_request(
+        self, item: Item, fewshot: list[Item], mode: str, max_new_tokens: int
+    ) -> Request: ...
 
     def score(self, item: Item, response: Response, mode: str) -> Scored: ...
+
+    def aggregate(self, scored: list[Scored]) -> dict[str, float]:
+        """Mean of each per-item metric; the primary metric under ``primary_metric``."""
+        ...
