@@ -266,3 +266,42 @@ def _task_per(
         )
         for i in order
     ]
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One model across the tasks of a PER computation (the overview table's row)."""
+
+    model: str
+    mean_per: float
+    """Mean PER over the tasks this model has a row in."""
+    per_by_task: dict[str, float]
+    pareto_tasks: int
+    """Tasks where the model is on the Pareto front."""
+
+    @property
+    def tasks(self) -> int:
+        return len(self.per_by_task)
+
+
+def summarise_models(rows: Iterable[PerRow]) -> list[ModelSummary]:
+    """Mean PER per model over its tasks, best first (ties by name).
+
+    Each task's PER is relative to that task's set, so a mean over different task sets compares
+    models only roughly; ``tasks`` says how many tasks each mean covers.
+    """
+    per_by_model: dict[str, dict[str, float]] = {}
+    pareto: dict[str, int] = {}
+    for row in rows:
+        per_by_model.setdefault(row.model, {})[row.task] = row.per
+        pareto[row.model] = pareto.get(row.model, 0) + int(row.pareto)
+    summaries = [
+        ModelSummary(
+            model=model,
+            mean_per=sum(pers.values()) / len(pers),
+            per_by_task=pers,
+            pareto_tasks=pareto[model],
+        )
+        for model, pers in per_by_model.items()
+    ]
+    return sorted(summaries, key=lambda s: (-s.mean_per, s.model))

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from slmtui.errors import UserError
-from slmtui.per import PerInput, compute_per
+from slmtui.per import PerInput, compute_per, summarise_models
 
 
 def row(model: str, acc: float, thr: float, lat: float, mem: float, **kw) -> PerInput:
@@ -203,3 +203,20 @@ def test_identical_rows_are_both_on_the_front():
 def test_key_and_unit_pass_through():
     (r,) = compute_per([row("k", 0.5, 1, 1, 1, key="run-1", throughput_unit="tokens/s")])
     assert r.input.key == "run-1" and r.input.throughput_unit == "tokens/s"
+
+
+def test_model_summary_averages_per_over_tasks():
+    rows = compute_per(
+        [
+            *THREE,
+            row("A", 0.2, 10, 100, 1000, task="imdb"),
+            row("B", 0.9, 20, 50, 500, task="imdb"),
+        ]
+    )
+    summary = {s.model: s for s in summarise_models(rows)}
+    # B: (0.759836 + 1.0) / 2; A: (0.638943 + 0) / 2; C only on gsm8k: 0
+    assert summary["B"].mean_per == pytest.approx((0.759836 + 1.0) / 2, abs=1e-6)
+    assert summary["A"].mean_per == pytest.approx(0.638943 / 2, abs=1e-6)
+    assert (summary["B"].tasks, summary["C"].tasks) == (2, 1)
+    assert (summary["A"].pareto_tasks, summary["B"].pareto_tasks) == (1, 2)
+    assert [s.model for s in summarise_models(rows)] == ["B", "A", "C"]
