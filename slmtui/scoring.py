@@ -184,8 +184,9 @@ def extract_choice_label(
     Order: "answer is X" / "answer: X" (any case); the whole output being one label
     ("b", "(B)", "3."); the first stand-alone label in upper case ("C) foo", "(B)").
     Lower-case letters count only in the first two forms, so the article "a" is never read
-    as "A". When ``choices`` is given and no label is found, an output that starts with a
-    choice's text (normalised as in SQuAD) names that choice.
+    as "A", nor is "A" before a lower-case word ("A good guess is D"). When ``choices`` is
+    given and no label is found, an output that starts with a choice's text (normalised as
+    in SQuAD) names that choice.
     """
     if not labels:
         return None
@@ -194,19 +195,24 @@ def extract_choice_label(
     edge = r"(?![A-Za-z0-9])"
     start = r"(?<![A-Za-z0-9])"
 
-    explicit = re.search(
-        rf"answer\s*(?:is|:)\s*:?\s*[\(\[]?\s*({alternatives}){edge}", text, re.IGNORECASE
-    )
-    if explicit:
-        return by_upper[explicit.group(1).upper()]
+    def is_article(match: re.Match[str]) -> bool:
+        """Whether "A"/"a" is the article: before a lower-case word ("answer is a mammal")."""
+        return (
+            match.group(1) in ("A", "a") and re.match(r"\s+[a-z]", text[match.end() :]) is not None
+        )
+
+    explicit_re = rf"answer\s*(?:is|:)\s*:?\s*[\(\[]?\s*({alternatives}){edge}"
+    for match in re.finditer(explicit_re, text, re.IGNORECASE):
+        if not is_article(match):
+            return by_upper[match.group(1).upper()]
 
     whole = re.fullmatch(rf"\s*[\(\[]?\s*({alternatives})\s*[\)\]\.:]?\s*", text, re.IGNORECASE)
     if whole:
         return by_upper[whole.group(1).upper()]
 
-    first = re.search(rf"{start}({alternatives}){edge}", text)
-    if first:
-        return by_upper[first.group(1).upper()]
+    for match in re.finditer(rf"{start}({alternatives}){edge}", text):
+        if not is_article(match):
+            return by_upper[match.group(1).upper()]
 
     if choices:
         output = normalize_squad(text)
