@@ -1,0 +1,18 @@
+"""GPU inventory, packing runs on GPUs, launching workers, reading their event streams."""
+
+from slmtui.scheduler.gpus import Gpu, detect_gpus
+from slmtui.scheduler.launch import worker_command
+from slmtui.scheduler.packing import Assignment, Pending, check_fits, pack
+from slmtui.scheduler.scheduler import RunState, Scheduler
+
+__all__ = [
+    "Assignment",
+    "Gpu",
+    "Pending",
+    "RunState",
+    "Scheduler",
+    "check_fits",
+    "detect_gpus",
+    "pack",
+    "worker_command",
+]

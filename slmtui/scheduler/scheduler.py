@@ -1,0 +1,537 @@
+"""The scheduler: packs queued runs on free GPUs, runs one worker process each, reads events.
+
+One background thread (``start``) does all the work: it launches workers, receives their
+parsed stdout lines from one reader thread per worker, commits each event to the store, then
+calls the listener, enforces timeouts and cleans up process trees. Other threads (the UI, the
+headless loop) call ``submit``, ``cancel``, ``snapshot`` and ``wait``; state is guarded by one
+lock and the listener is never called with it held.
+
+A run ends exactly once: with the worker's result or error, or with ``RunFailed`` made here
+(``timeout``, ``cancelled``, or ``crashed`` when the worker exits without a result). Its GPUs
+are free again only when its processes are gone.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+from slmtui import paths
+from slmtui.protocol import (
+    Event,
+    ProtocolError,
+    RunFailed,
+    RunFinished,
+    RunProgress,
+    RunQueued,
+    RunStarted,
+    SampleScored,
+    parse_event,
+)
+from slmtui.scheduler.gpus import Gpu, detect_gpus
+from slmtui.scheduler.launch import WorkerProcess, describe_exit, log_tail, worker_command
+from slmtui.scheduler.packing import Pending, check_fits, pack
+from slmtui.spec import RunSpec
+
+CommandFactory = Callable[[RunSpec, str, Sequence[int]], tuple[list[str], dict[str, str]]]
+"""(spec, run_id, gpu_ids) -> (argv, env): how a worker is started (tests inject fakes)."""
+Listener = Callable[[Event], None]
+
+_DESCENDANTS_EVERY_S = 1.0
+_PIPE_GRACE_S = 1.0
+
+
+class EventStore(Protocol):
+    """What the scheduler needs from ``slmtui.store.Store``."""
+
+    def begin_run(self, run_id: str, spec: RunSpec) -> None: ...
+    def record(self, event: Event) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What the console shows for one submitted run."""
+
+    run_id: str
+    spec: RunSpec
+    status: str
+    """queued, running, finished, failed or cancelled."""
+    queued_at: float
+    """Unix seconds."""
+    gpu_ids: tuple[int, ...] = ()
+    launched_at: float | None = None
+    """Unix seconds when its worker process started."""
+    ended_at: float | None = None
+    progress: RunProgress | None = None
+    """The latest progress event."""
+    samples_done: int = 0
+    metrics: dict[str, Any] | None = None
+    """The result's metrics once finished."""
+    error: RunFailed | None = None
+    stopping: str | None = None
+    """"timeout" or "cancelled" while its processes are being stopped."""
+    non_event_lines: int = 0
+    """Lines on the worker's stdout that were not events (skipped, copied to the log)."""
+    log_path: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ("finished", "failed", "cancelled")
+
+
+@dataclass
+class _Worker:
+    run_id: str
+    spec: RunSpec
+    gpu_ids: tuple[int, ...]
+    process: WorkerProcess
+    launched_mono: float
+    eof: bool = False
+    exited_mono: float | None = None
+    outcome: RunFinished | RunFailed | None = None
+    outcome_mono: float | None = None
+    stop_reason: str | None = None
+    kill_at_mono: float | None = None
+    tracked_mono: float = 0.0
+    non_event_lines: int = 0
+
+
+@dataclass(frozen=True)
+class _Line:
+    run_id: str
+    event: Event | None
+    raw: str = ""
+
+
+@dataclass(frozen=True)
+class _Eof:
+    run_id: str
+
+
+@dataclass(frozen=True)
+class _Notify:
+    event: Event
+
+
+@dataclass
+class _Outbox:
+    events: list[Event] = field(default_factory=list)
+
+
+class Scheduler:
+    """Runs submitted specs on this box's GPUs (or the CPU), one worker process per run."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        inventory: Sequence[Gpu] | None = None,
+        listener: Listener | None = None,
+        command_factory: CommandFactory = worker_command,
+        logs_dir: Path | None = None,
+        kill_grace_s: float = 5.0,
+        exit_grace_s: float = 30.0,
+        tick_s: float = 0.1,
+        handle_signals: bool = True,
+    ) -> None:
+        """
+        ``inventory``: the GPUs to use (default: ``detect_gpus()``); empty means a CPU box.
+        ``kill_grace_s``: SIGTERM to SIGKILL. ``exit_grace_s``: how long a worker may linger
+        after its result before it is stopped (the result stands). ``handle_signals``: on
+        ``start`` from the main thread, SIGINT/SIGTERM/SIGHUP stop every run before the app
+        goes (the previous handlers are chained).
+        """
+        self.store = store
+        self.gpus: list[Gpu] = detect_gpus() if inventory is None else list(inventory)
+        self.listener = listener
+        self.command_factory = command_factory
+        self.logs_dir = paths.logs_dir() if logs_dir is None else Path(logs_dir)
+        self.kill_grace_s = kill_grace_s
+        self.exit_grace_s = exit_grace_s
+        self.tick_s = tick_s
+        self.handle_signals = handle_signals
+
+        self._lock = threading.RLock()
+        self._settled_cv = threading.Condition(self._lock)
+        self._settled = True
+        self._inbox: queue.Queue[_Line | _Eof | _Notify | None] = queue.Queue()
+        self._states: dict[str, RunState] = {}
+        self._pending: list[Pending] = []
+        self._workers: dict[str, _Worker] = {}
+        self._cpu_run: str | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._shut_down = False
+        self._previous_handlers: dict[int, Any] = {}
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def submit(self, specs: Iterable[RunSpec]) -> list[str]:
+        """Queue runs; returns their run ids. Raises UserError, queueing nothing, when a run
+        asks more GPUs than this box lends."""
+        specs = list(specs)
+        check_fits(specs, self.gpus)
+        run_ids: list[str] = []
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the scheduler is shut down")
+            for spec in specs:
+                run_id = new_run_id()
+                now = time.time()
+                self.store.begin_run(run_id, spec)
+                self._states[run_id] = RunState(run_id, spec, "queued", queued_at=now)
+                self._pending.append(Pending(run_id, spec))
+                self._inbox.put(_Notify(RunQueued(run_id, spec=spec.to_dict(), t=now)))
+                run_ids.append(run_id)
+            if run_ids:
+                self._settled = False
+        return run_ids
+
+    def cancel(self, run_id: str) -> bool:
+        """Cancel a queued run (recorded as cancelled) or stop a running one (SIGTERM, then
+        SIGKILL after the grace period). Returns False if the run is unknown or has ended."""
+        with self._lock:
+            for n, run in enumerate(self._pending):
+                if run.run_id == run_id:
+                    del self._pending[n]
+                    event = RunFailed(
+                        run_id, reason="cancelled", message="cancelled before it started"
+                    )
+                    self.store.record(event)
+                    self._end_state(event)
+                    self._inbox.put(_Notify(event))
+                    return True
+            worker = self._workers.get(run_id)
+            if worker is None or worker.outcome is not None:
+                return False
+            self._stop(worker, "cancelled")
+            self._inbox.put(None)  # wake the loop
+            return True
+
+    def cancel_all(self) -> None:
+        """Cancel every queued run first (so none starts on freed GPUs), then the running ones."""
+        with self._lock:
+            queued = [run.run_id for run in self._pending]
+            running = list(self._workers)
+        for run_id in queued + running:
+            self.cancel(run_id)
+
+    def start(self) -> None:
+        """Start the background thread; stop everything at interpreter exit and on signals."""
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._loop, name="slmtui-scheduler", daemon=True)
+            self._thread.start()
+        atexit.register(self.shutdown)
+        if self.handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                self._previous_handlers[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._on_signal)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every submitted run has ended and its events were delivered.
+
+        Returns False on timeout. Needs ``start`` (or returns at once when nothing was submitted).
+        """
+        with self._settled_cv:
+            return self._settled_cv.wait_for(lambda: self._settled, timeout)
+
+    def shutdown(self) -> None:
+        """Cancel everything, stop the workers and their descendants, and end the thread.
+
+        Idempotent; registered with atexit by ``start``. Returns when no worker process is left
+        (at most about ``kill_grace_s`` plus a second for workers that ignore SIGTERM).
+        """
+        with self._lock:
+            if self._shut_down:
+                return
+            self._shut_down = True
+            self._stopping = True
+        self.cancel_all()
+        thread = self._thread
+        if thread is None:
+            self._loop()  # never started: record the cancellations here
+        elif thread is not threading.current_thread():
+            self._inbox.put(None)
+            thread.join(timeout=self.kill_grace_s + 10.0)
+        atexit.unregister(self.shutdown)
+        self._restore_signal_handlers()
+
+    # -- views --------------------------------------------------------------------------------
+
+    def snapshot(self) -> list[RunState]:
+        """Every submitted run's state, in submission order."""
+        with self._lock:
+            return list(self._states.values())
+
+    def state(self, run_id: str) -> RunState | None:
+        with self._lock:
+            return self._states.get(run_id)
+
+    # -- the scheduler thread -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            items: list[_Line | _Eof | _Notify | None] = []
+            try:
+                items.append(self._inbox.get(timeout=self.tick_s))
+                while len(items) < 1000:
+                    items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                pass
+            out = _Outbox()
+            with self._lock:
+                for item in items:
+                    self._handle(item, out)
+                self._watch_workers(out)
+                if not self._stopping:
+                    self._launch_ready(out)
+                idle = not self._pending and not self._workers and self._inbox.empty()
+                done = idle and self._stopping
+            self._deliver(out.events)
+            if idle:
+                with self._settled_cv:
+                    if not self._pending and not self._workers and self._inbox.empty():
+                        self._settled = True
+                        self._settled_cv.notify_all()
+            if done:
+                return
+
+    def _handle(self, item: _Line | _Eof | _Notify | None, out: _Outbox) -> None:
+        if item is None:
+            return
+        if isinstance(item, _Notify):
+            out.events.append(item.event)
+            return
+        worker = self._workers.get(item.run_id)
+        if worker is None:
+            return
+        if isinstance(item, _Eof):
+            worker.eof = True
+            return
+        event = item.event
+        if event is None or event.run_id != worker.run_id or isinstance(event, RunQueued):
+            worker.non_event_lines += 1
+            self._update(worker.run_id, non_event_lines=worker.non_event_lines)
+            return
+        if worker.outcome is not None:
+            return  # nothing changes a run after its result or error
+        if isinstance(event, RunFailed) and worker.stop_reason is not None:
+            return  # the scheduler's own reason (timeout, cancelled) is recorded at exit
+        if isinstance(event, RunFinished | RunFailed):
+            worker.outcome = event
+            worker.outcome_mono = time.monotonic()
+        self._commit(event, out)
+
+    def _commit(self, event: Event, out: _Outbox) -> None:
+        """Store first, then update the view, then (outside the lock) tell the listener."""
+        try:
+            self.store.record(event)
+        except Exception as exc:  # a full disk must not orphan the workers
+            print(f"slmtui: could not store {event.type} of {event.run_id}: {exc}", file=sys.stderr)
+        if isinstance(event, RunStarted):
+            self._update(event.run_id, status="running")
+        elif isinstance(event, RunProgress):
+            self._update(event.run_id, progress=event)
+        elif isinstance(event, SampleScored):
+            state = self._states.get(event.run_id)
+            if state is not None:
+                self._update(event.run_id, samples_done=state.samples_done + 1)
+        elif isinstance(event, RunFinished | RunFailed):
+            self._end_state(event)
+        out.events.append(event)
+
+    def _watch_workers(self, out: _Outbox) -> None:
+        now = time.monotonic()
+        for worker in list(self._workers.values()):
+            process = worker.process
+            if now - worker.tracked_mono >= _DESCENDANTS_EVERY_S:
+                process.track_descendants()
+                worker.tracked_mono = now
+            exited = process.poll() is not None
+            if exited and worker.exited_mono is None:
+                worker.exited_mono = now
+            if exited and worker.eof:
+                self._finish(worker, out)
+                continue
+            if exited and now - worker.exited_mono >= _PIPE_GRACE_S:
+                process.kill()  # descendants still hold the pipe open: they are orphans now
+            overdue = now - worker.launched_mono > worker.spec.timeout_s
+            if overdue and worker.stop_reason is None and worker.outcome is None:
+                self._stop(worker, "timeout")
+            if (
+                worker.outcome is not None
+                and worker.kill_at_mono is None
+                and not exited
+                and now - worker.outcome_mono > self.exit_grace_s
+            ):
+                self._stop(worker, None)  # lingering after its result; the result stands
+            if worker.kill_at_mono is not None and now >= worker.kill_at_mono:
+                process.kill()
+                worker.kill_at_mono = now + self.kill_grace_s  # again if something respawned
+
+    def _stop(self, worker: _Worker, reason: str | None) -> None:
+        """SIGTERM the worker's tree; SIGKILL follows after the grace period."""
+        if worker.kill_at_mono is not None:
+            return
+        worker.stop_reason = reason
+        worker.kill_at_mono = time.monotonic() + self.kill_grace_s
+        worker.process.terminate()
+        if reason is not None:
+            self._update(worker.run_id, stopping=reason)
+
+    def _finish(self, worker: _Worker, out: _Outbox) -> None:
+        """The worker is gone: kill leftovers, record how the run ended, free its GPUs."""
+        process = worker.process
+        process.kill()
+        process.close()
+        returncode = process.poll()
+        del self._workers[worker.run_id]
+        if self._cpu_run == worker.run_id:
+            self._cpu_run = None
+        if worker.outcome is None:
+            tail = log_tail(process.log_path)
+            spec = worker.spec
+            if worker.stop_reason == "timeout":
+                event = RunFailed(
+                    worker.run_id,
+                    reason="timeout",
+                    message=f"no result within the run's timeout of {spec.timeout_s:g} s; stopped",
+                    log_tail=tail,
+                )
+            elif worker.stop_reason == "cancelled":
+                event = RunFailed(
+                    worker.run_id,
+                    reason="cancelled",
+                    message="cancelled while running",
+                    log_tail=tail,
+                )
+            else:
+                code = describe_exit(returncode if returncode is not None else -9)
+                event = RunFailed(
+                    worker.run_id,
+                    reason="crashed",
+                    message=f"worker {code} without a result",
+                    log_tail=tail,
+                )
+            self._commit(event, out)
+
+    def _launch_ready(self, out: _Outbox) -> None:
+        busy = {i for w in self._workers.values() for i in w.gpu_ids}
+        free = [g for g in self.gpus if g.index not in busy]
+        for assignment in pack(self._pending, free, cpu_free=self._cpu_run is None):
+            self._pending = [p for p in self._pending if p.run_id != assignment.run_id]
+            self._launch(assignment.run_id, assignment.spec, assignment.gpu_ids, out)
+
+    def _launch(self, run_id: str, spec: RunSpec, gpu_ids: tuple[int, ...], out: _Outbox) -> None:
+        log_path = self.logs_dir / f"{run_id}.log"
+        try:
+            argv, env = self.command_factory(spec, run_id, gpu_ids)
+            process = WorkerProcess(argv, env, log_path)
+        except Exception as exc:
+            event = RunFailed(
+                run_id, reason="crashed", message=f"could not start the worker: {exc}"
+            )
+            self._commit(event, out)
+            return
+        self._workers[run_id] = _Worker(
+            run_id, spec, gpu_ids, process, launched_mono=time.monotonic()
+        )
+        if not gpu_ids:
+            self._cpu_run = run_id
+        self._update(
+            run_id,
+            status="running",
+            gpu_ids=gpu_ids,
+            launched_at=time.time(),
+            log_path=str(log_path),
+        )
+        reader = threading.Thread(
+            target=self._read, args=(run_id, process), name=f"slmtui-read-{run_id}", daemon=True
+        )
+        reader.start()
+
+    def _read(self, run_id: str, process: WorkerProcess) -> None:
+        """Reader thread: parse each stdout line; copy non-event lines to the run's log."""
+        try:
+            with open(process.log_path, "ab") as log:
+                for raw in process.stdout:
+                    line = raw.decode("utf-8", errors="replace").strip()
+                    if not line:
+                        continue
+                    try:
+                        event: Event | None = parse_event(line)
+                    except ProtocolError:
+                        event = None
+                        log.write(b"[stdout] " + raw.rstrip(b"\n") + b"\n")
+                        log.flush()
+                    self._inbox.put(_Line(run_id, event))
+        except (OSError, ValueError):
+            pass  # the pipe was closed under us: the process is gone
+        finally:
+            self._inbox.put(_Eof(run_id))
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _update(self, run_id: str, **changes: Any) -> None:
+        state = self._states.get(run_id)
+        if state is not None:
+            self._states[run_id] = replace(state, **changes)
+
+    def _end_state(self, event: RunFinished | RunFailed) -> None:
+        if isinstance(event, RunFinished):
+            self._update(event.run_id, status="finished", metrics=event.metrics, ended_at=event.t)
+        else:
+            status = "cancelled" if event.reason == "cancelled" else "failed"
+            self._update(event.run_id, status=status, error=event, ended_at=event.t)
+
+    def _deliver(self, events: list[Event]) -> None:
+        if self.listener is None:
+            return
+        for event in events:
+            try:
+                self.listener(event)
+            except Exception as exc:  # a broken view must not stop the runs
+                print(f"slmtui: listener failed on {event.type}: {exc!r}", file=sys.stderr)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        previous = self._previous_handlers.get(signum, signal.SIG_DFL)
+        self.shutdown()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def _restore_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, previous in self._previous_handlers.items():
+            with contextlib.suppress(ValueError, TypeError):
+                if signal.getsignal(sig) == self._on_signal:
+                    signal.signal(sig, previous)
+        self._previous_handlers.clear()
+
+
+def new_run_id() -> str:
+    """Sortable and unique: '20260522-143005-3f9c1a2b'."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
