@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -363,3 +366,23 @@ def test_aggregate_is_the_mean_of_item_metrics_with_the_primary_metric() -> None
 def test_aggregate_adds_the_primary_metric_from_score() -> None:
     metrics = get_task("imdb").aggregate([Scored(1.0, "", ""), Scored(0.0, "", "")])
     assert metrics == {"acc": 0.5}
+
+
+def test_tasks_and_scoring_load_no_heavy_modules() -> None:
+    """The UI process imports tasks and scoring: no torch, transformers, datasets or Textual."""
+    code = (
+        "import sys\n"
+        "from slmtui.spec import TaskOptions\n"
+        "from slmtui.tasks import TASK_NAMES, build_requests, get_task, load_task_data\n"
+        "import slmtui.scoring\n"
+        "for name in TASK_NAMES:\n"
+        "    data = load_task_data(name, TaskOptions(), None)\n"
+        "    build_requests(get_task(name), data, TaskOptions())\n"
+        "heavy = ('torch', 'transformers', 'accelerate', 'datasets', 'textual')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert result.stdout.strip() == "[]"
