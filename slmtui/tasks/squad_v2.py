@@ -1,8 +1,9 @@
-"""SQuAD 2.0: extractive reading comprehension where a third of the questions have no answer.
+"""SQuAD 2.0: extractive reading comprehension; about half the dev questions have no answer.
 
-Defaults: mode ``generate``; 0 few-shot examples; 32 new tokens (SQuAD answers are short spans:
-32 tokens cover the longest gold answers of the dev set); greedy; stop at the first newline (as
-lm-eval's ``squadv2``).
+Defaults: mode ``generate``; 0 few-shot examples; 32 new tokens (the brief suggests 10-30; gold
+answers are short spans, the longest in the shared 104-item dev subset is 7 words, and 32 tokens
+leave room for a lead-in such as "The answer is"); greedy; stop at the first newline (as lm-eval's
+``squadv2``).
 
 Prompt (lm-eval ``squadv2`` layout, after a one-line instruction so that a zero-shot model knows
 it may abstain)::
