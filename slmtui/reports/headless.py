@@ -1,0 +1,276 @@
+"""`slmtui run PROFILE --headless`: run a profile without the console, then print PER tables.
+
+Everything a user can get wrong (profile, --limit, --timeout, --data-dir, GPU counts, --db) is
+checked before the store is opened, so a user error (exit 2) writes nothing. Live progress goes
+to stderr (one row per run, about 4 refreshes a second; a line per run as it ends, which is all
+a non-terminal log shows); the PER tables and the failures go to stdout.
+
+Exit codes: 0 every run finished (or was already stored), 1 some run failed or was cancelled,
+2 a user error, 130 interrupted (finished runs are kept; the rest are cancelled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from slmtui import paths
+from slmtui import profile as profiles
+from slmtui.errors import UserError
+from slmtui.per import compute_per
+from slmtui.plan import plan_runs
+from slmtui.reports.commands import build_per_inputs
+from slmtui.reports.tables import render_per_tables
+from slmtui.scheduler import Gpu, RunState, Scheduler, check_fits, detect_gpus
+from slmtui.scheduler.scheduler import CommandFactory
+from slmtui.spec import RunSpec
+from slmtui.store import ResultRow, Store
+
+_REFRESH_S = 0.25
+_TAIL_LINES = 6
+
+
+def run_headless(
+    args: argparse.Namespace,
+    *,
+    command_factory: CommandFactory | None = None,
+    inventory: Sequence[Gpu] | None = None,
+    out: Console | None = None,
+    err: Console | None = None,
+) -> int:
+    """Run the profile's runs not yet stored, show progress, print PER; return the exit code.
+
+    ``command_factory``, ``inventory`` and the consoles are for embedding and tests.
+    """
+    out = out or Console()
+    err = err or Console(stderr=True)
+    specs, label = _load_specs(args)
+    gpus = detect_gpus() if inventory is None else list(inventory)
+    check_fits(specs, gpus)
+    db = Path(args.db).expanduser() if getattr(args, "db", None) else paths.default_db_path()
+
+    with Store(db) as store:
+        plan = plan_runs(specs, store, rerun=bool(getattr(args, "rerun", False)))
+        err.print(_plan_line(label, specs, plan.to_run, len(plan.skipped), gpus, db))
+        for run_id in store.recovered:
+            err.print(f"[yellow]run {run_id} was left unfinished by an app that exited[/]")
+        states: list[RunState] = []
+        interrupted = False
+        if plan.to_run:
+            kwargs = {} if command_factory is None else {"command_factory": command_factory}
+            scheduler = Scheduler(store, inventory=gpus, **kwargs)
+            try:
+                scheduler.submit(plan.to_run)
+                scheduler.start()
+                states = _watch(scheduler, err)
+            except KeyboardInterrupt:
+                interrupted = True
+            finally:
+                scheduler.shutdown()
+                states = scheduler.snapshot()
+        keys = {spec.run_key for spec in specs}
+        results = [r for r in store.results() if r.run_key in keys]
+
+    _print_per(results, out, title=f"PER · {label} · {db}")
+    failed = [s for s in states if s.status != "finished"]
+    _print_failures(failed, out)
+    if interrupted:
+        err.print(
+            f"[yellow]interrupted: {len(failed)} run(s) cancelled or failed; "
+            f"finished runs are stored in {db}[/]"
+        )
+        return 130
+    return 1 if failed else 0
+
+
+def _load_specs(args: argparse.Namespace) -> tuple[list[RunSpec], str]:
+    """The profile's runs with the command line's overrides; every check that can fail."""
+    limit = getattr(args, "limit", None)
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: must be an integer >= 1")
+    timeout_s = getattr(args, "timeout", None)
+    if timeout_s is not None and not timeout_s > 0:
+        raise UserError(f"--timeout {timeout_s:g}: must be a number of seconds > 0")
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise UserError(
+            f"--data-dir {data_dir}: no such directory; give a folder of <task>/*.jsonl files"
+        )
+    if getattr(args, "db", None) and Path(args.db).expanduser().is_dir():
+        raise UserError(f"--db {args.db}: is a directory; give a file path such as results.sqlite")
+    path = getattr(args, "profile", None)
+    profile = profiles.load_profile(path) if path else profiles.embedded_default()
+    specs = profile.runs(limit=limit, data_dir=data_dir)
+    if timeout_s is not None:
+        specs = [replace(spec, timeout_s=float(timeout_s)) for spec in specs]
+    return specs, f"profile {profile.name}"
+
+
+def _plan_line(
+    label: str, specs: list[RunSpec], to_run: list[RunSpec], skipped: int, gpus: list[Gpu], db: Path
+) -> str:
+    box = f"{len(gpus)} × {gpus[0].name}" if gpus else "CPU only"
+    line = f"[bold]{label}[/]: {len(specs)} runs, {len(to_run)} to run"
+    if skipped:
+        line += f", {skipped} already stored (skipped; --rerun runs them again)"
+    return f"{line} · {box} · store {db}"
+
+
+def _watch(scheduler: Scheduler, err: Console) -> list[RunState]:
+    """Live table until every run has ended; one printed line per run as it ends."""
+    reported: set[str] = set()
+
+    def report_ended() -> list[RunState]:
+        states = scheduler.snapshot()
+        for state in states:
+            if state.ended and state.run_id not in reported:
+                reported.add(state.run_id)
+                err.print(_ended_line(state))
+        return states
+
+    with Live(
+        get_renderable=lambda: progress_table(scheduler.snapshot()),
+        console=err,
+        refresh_per_second=1 / _REFRESH_S,
+        transient=True,
+    ):
+        while not scheduler.wait(timeout=_REFRESH_S):
+            report_ended()
+    return report_ended()
+
+
+def progress_table(states: Sequence[RunState], now: float | None = None) -> RenderableType:
+    """One row per run: label, samples done/total, speed, latency, memory, accuracy, state."""
+    now = time.time() if now is None else now
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("Run")
+    table.add_column("Samples", no_wrap=True)
+    table.add_column("Speed", justify="right")
+    table.add_column("Latency", justify="right")
+    table.add_column("Mem MB", justify="right")
+    table.add_column("Acc", justify="right")
+    table.add_column("State")
+    for state in states:
+        table.add_row(
+            state.label,
+            _samples_cell(state),
+            *_speed_cells(state),
+            _memory_cell(state),
+            _accuracy_cell(state),
+            _state_cell(state, now),
+        )
+    done = sum(s.ended for s in states)
+    return Group(table, Text(f"{done}/{len(states)} runs ended", style="dim"))
+
+
+def _samples_cell(state: RunState) -> RenderableType:
+    progress = state.progress
+    total = progress.total if progress else 0
+    done = progress.done if progress else state.samples_done
+    if state.status == "finished":
+        n = state.metrics.get("n_samples") if state.metrics else None
+        done = total = n if isinstance(n, int) and n > 0 else max(done, total, 1)
+    bar = ProgressBar(
+        total=total or None, completed=done, width=16, pulse=state.status == "running" and not total
+    )
+    return Group(bar, Text(f"{done}/{total or '?'}", style="dim")) if total else bar
+
+
+def _speed_cells(state: RunState) -> tuple[str, str]:
+    metrics = state.metrics
+    if metrics:
+        unit = metrics.get("throughput_unit") or ""
+        per_item = "ms/sample" if unit == "samples/s" else "ms/token"
+        return _num(metrics.get("throughput"), f" {unit}".rstrip(), 1), _num(
+            metrics.get("latency_ms"), f" {per_item}", 1
+        )
+    progress = state.progress
+    if progress is None:
+        return "", ""
+    if progress.tokens_per_s is not None:
+        return _num(progress.tokens_per_s, " tokens/s", 1), _num(
+            progress.ms_per_token, " ms/token", 1
+        )
+    if progress.samples_per_s is not None:
+        ms = 1000 / progress.samples_per_s if progress.samples_per_s else None
+        return _num(progress.samples_per_s, " samples/s", 2), _num(ms, " ms/sample", 1)
+    return "", ""
+
+
+def _memory_cell(state: RunState) -> str:
+    if state.metrics:
+        return _num(state.metrics.get("peak_mem_mb"), "", 0)
+    return _num(state.progress.mem_mb if state.progress else None, "", 0)
+
+
+def _accuracy_cell(state: RunState) -> str:
+    return _num(state.metrics.get("accuracy") if state.metrics else None, "", 3)
+
+
+def _state_cell(state: RunState, now: float) -> Text:
+    since = state.launched_at or state.queued_at
+    elapsed = f" {(state.ended_at or now) - since:.0f}s"
+    if state.status == "queued":
+        return Text("queued", style="dim")
+    if state.status == "finished":
+        return Text("✓ finished" + elapsed, style="green")
+    if state.status in ("failed", "cancelled"):
+        reason = state.error.reason if state.error else state.status
+        return Text(f"✗ {reason}" + elapsed, style="red")
+    if state.stopping:
+        return Text(f"stopping ({state.stopping})", style="yellow")
+    phase = state.progress.phase if state.progress else "starting"
+    return Text(phase + elapsed, style="cyan")
+
+
+def _ended_line(state: RunState) -> Text:
+    since = state.launched_at or state.queued_at
+    took = f" ({(state.ended_at or time.time()) - since:.0f} s)" if state.launched_at else ""
+    if state.status == "finished":
+        speed, latency = _speed_cells(state)
+        parts = [f"acc {_accuracy_cell(state)}", speed, latency, f"{_memory_cell(state)} MB"]
+        return Text(f"✓ {state.label}: " + ", ".join(p for p in parts if p.strip()) + took, "green")
+    error = state.error
+    why = f"{error.reason}: {error.message}" if error else state.status
+    return Text(f"✗ {state.label}: {why}{took}", style="red")
+
+
+def _print_per(results: list[ResultRow], out: Console, *, title: str) -> None:
+    if not results:
+        out.print("No finished results for this profile yet.")
+        return
+    built = build_per_inputs(results)
+    for note in built.notes:
+        out.print(Text(f"note: {note}", style="dim"))
+    if built.inputs:
+        render_per_tables(compute_per(built.inputs), out, title=title)
+
+
+def _print_failures(failed: list[RunState], out: Console) -> None:
+    if not failed:
+        return
+    out.print(Text(f"{len(failed)} run(s) did not finish:", style="bold red"))
+    for state in failed:
+        error = state.error
+        reason = f"{error.reason}: {error.message}" if error else state.status
+        out.print(Text(f"  ✗ {state.label} (run {state.run_id}) — {reason}", style="red"))
+        if state.log_path:
+            out.print(Text(f"    log: {state.log_path}", style="dim"))
+        tail = (error.log_tail if error else "").strip().splitlines()[-_TAIL_LINES:]
+        for line in tail:
+            out.print(Text(f"    | {line}", style="dim"))
+
+
+def _num(value: object, unit: str, digits: int) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return ""
+    return f"{value:,.{digits}f}{unit}"
