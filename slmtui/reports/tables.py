@@ -1,0 +1,148 @@
+"""PER as rich tables: one per task, then an overview across tasks (headless output)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from slmtui.per import PerRow, summarise_models
+from slmtui.reports.export import (
+    PER_NOTE,
+    common_unit,
+    format_energy,
+    format_throughput,
+    group_by_task,
+    latency_unit,
+)
+
+PARETO_MARK = "★"
+BEST_STYLE = "bold green"
+
+
+FACTORS_MIN_WIDTH = 110
+"""Terminal width from which the normalised factors get their own columns."""
+
+
+def task_table(task: str, rows: Sequence[PerRow], *, factors: bool = True) -> Table:
+    """One task's rows, best PER first; the best row in bold green, Pareto rows starred.
+
+    ``factors`` adds the normalised factors (ACCn, THRn, LATn, MEMn, En) that PER multiplies.
+    """
+    energy = any(r.energy_n is not None for r in rows)
+    unit = common_unit(rows)
+    table = Table(
+        title=f"{task} · {len(rows)} model{'s' if len(rows) != 1 else ''}",
+        title_justify="left",
+        title_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    headers = [
+        "#",
+        PARETO_MARK,
+        "Model",
+        "Acc",
+        f"THR\n{unit}" if unit else "THR",
+        f"LAT\n{latency_unit(unit)}",
+        "MEM\nMB",
+        *(["Energy\nJ"] if energy else []),
+        "PER",
+        *(["ACCn", "THRn", "LATn", "MEMn", *(["En"] if energy else [])] if factors else []),
+    ]
+    body = [
+        [
+            str(row.rank),
+            PARETO_MARK if row.pareto else "",
+            row.model,
+            f"{row.input.accuracy:.3f}",
+            format_throughput(row, with_unit=unit is None),
+            f"{row.input.latency_ms:.2f}",
+            f"{row.input.memory_mb:,.0f}",
+            *([format_energy(row.input.energy_j)] if energy else []),
+            f"{row.per:.3f}",
+            *(_factor_cells(row, energy=energy) if factors else []),
+        ]
+        for row in rows
+    ]
+    for index, header in enumerate(headers):
+        # numbers are never cut: each column is at least as wide as its widest cell
+        widest = max((len(cells[index]) for cells in body), default=1)
+        table.add_column(
+            header,
+            justify="left" if header == "Model" else "right",
+            no_wrap=True,
+            min_width=min(widest, 40),
+            style="dim" if header.endswith("n") else ("bold" if header == "PER" else None),
+        )
+    for row, cells in zip(rows, body, strict=True):
+        table.add_row(*cells, style=BEST_STYLE if row.rank == 1 else None)
+    return table
+
+
+def _factor_cells(row: PerRow, *, energy: bool) -> list[str]:
+    values = [row.acc_n, row.thr_n, row.lat_n, row.mem_n, *([row.energy_n] if energy else [])]
+    return ["-" if v is None else f"{v:.2f}" for v in values]
+
+
+def _model_width(rows: Sequence[PerRow]) -> int:
+    """Model names are what a reader scans for: keep them whole up to 40 characters."""
+    return min(40, max((len(r.model) for r in rows), default=5))
+
+
+def overview_table(rows: Sequence[PerRow]) -> Table:
+    """Mean PER per model over its tasks, with each task's PER and the tasks counted."""
+    tasks = list(group_by_task(rows))
+    table = Table(
+        title="Overview across tasks",
+        title_justify="left",
+        title_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    table.add_column("Model", no_wrap=True, min_width=_model_width(rows))
+    table.add_column("Mean PER", justify="right", style="bold")
+    table.add_column("Tasks", justify="right")
+    table.add_column(f"On {PARETO_MARK}", justify="right")
+    for task in tasks:
+        table.add_column(task, justify="right")
+    summaries = summarise_models(rows)
+    best = summaries[0].mean_per if summaries else None
+    for s in summaries:
+        table.add_row(
+            s.model,
+            f"{s.mean_per:.3f}",
+            str(s.tasks),
+            str(s.pareto_tasks),
+            *(f"{s.per_by_task[t]:.3f}" if t in s.per_by_task else "-" for t in tasks),
+            style=BEST_STYLE if s.mean_per == best else None,
+        )
+    return table
+
+
+def render_per_tables(
+    rows: Sequence[PerRow], console: Console, *, title: str | None = None
+) -> None:
+    """Print a table per task, an overview when there are several tasks, and the PER note."""
+    if title:
+        console.print(Text(title, style="bold"))
+    groups = group_by_task(rows)
+    factors = console.width >= FACTORS_MIN_WIDTH
+    for task, task_rows in groups.items():
+        console.print(task_table(task, task_rows, factors=factors))
+    if len(groups) > 1:
+        console.print(overview_table(rows))
+    console.print(
+        Text(
+            f"{PARETO_MARK} on the Pareto front: no other model of the task is at least as good "
+            "on every factor and better on one. "
+            + PER_NOTE
+            + ("" if factors else " Widen the terminal to see the normalised factors."),
+            style="dim",
+        )
+    )
