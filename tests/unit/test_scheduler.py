@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -107,7 +108,9 @@ def spec(how: str, gpus: int = 0, timeout_s: float = 60.0, delay_ms: int = 0) ->
 
 
 class Harness:
-    def __init__(self, tmp_path: Path, fake_worker: Path, gpus: int = 0, **kw) -> None:
+    def __init__(
+        self, tmp_path: Path, fake_worker: Path, gpus: int | Sequence[int] = 0, **kw
+    ) -> None:
         self.store = Store(tmp_path / "r.sqlite")
         self.events: list[Event] = []
         self.lock = threading.Lock()
@@ -116,7 +119,8 @@ class Harness:
             argv, env = worker_command(s, run_id, gpu_ids)
             return [sys.executable, str(fake_worker), *argv[argv.index("--spec-json") :]], env
 
-        inventory = [Gpu(i, "fake", 1000.0, 1000.0) for i in range(gpus)]
+        indices = range(gpus) if isinstance(gpus, int) else gpus
+        inventory = [Gpu(i, "fake", 1000.0, 1000.0) for i in indices]
         self.scheduler = Scheduler(
             self.store,
             inventory=inventory,
@@ -229,15 +233,15 @@ def test_a_normal_run_is_committed_then_reported(harness) -> None:
 
 
 def test_gpu_runs_get_their_own_devices_and_the_nccl_settings(harness) -> None:
-    h = harness(gpus=2)
+    h = harness(gpus=[2, 5])  # as if slmtui was started with CUDA_VISIBLE_DEVICES=2,5
     ids = h.scheduler.submit([spec("ok", gpus=1, delay_ms=300) for _ in range(3)])
     h.wait_for(lambda: sum(s.status == "running" for s in h.scheduler.snapshot()) == 2)
     time.sleep(0.05)
     assert [s.status for s in h.scheduler.snapshot()].count("running") == 2  # never 3 on 2 GPUs
     assert h.scheduler.wait(timeout=10)
     hardware = [h.store.run(i).hardware for i in ids]
-    assert sorted(hw["CUDA_VISIBLE_DEVICES"] for hw in hardware[:2]) == ["0", "1"]
-    assert hardware[2]["CUDA_VISIBLE_DEVICES"] in ("0", "1")
+    assert sorted(hw["CUDA_VISIBLE_DEVICES"] for hw in hardware[:2]) == ["2", "5"]
+    assert hardware[2]["CUDA_VISIBLE_DEVICES"] in ("2", "5")
     assert {hw["NCCL_NVLS_ENABLE"] for hw in hardware} == {"0"}
 
 
@@ -283,7 +287,7 @@ def test_a_run_past_its_timeout_is_stopped(harness) -> None:
     (run_id,) = h.scheduler.submit([spec("hang", timeout_s=0.5)])
     t0 = time.monotonic()
     assert h.scheduler.wait(timeout=10)
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 5
     row = h.store.run(run_id)
     assert (row.status, row.error_reason) == ("failed", "timeout")
     assert "0.5 s" in row.error_message
