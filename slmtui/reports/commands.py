@@ -283,8 +283,9 @@ def build_per_inputs(results: Iterable[ResultRow]) -> PerInputs:
         if len(gpus_by_model[r.model]) > 1:
             parts.append(_where(r.gpus))
         for name, template in _SETTING_LABELS:
-            if name in varying.get(r.model, []):
-                parts.append(template.format(_setting(r, name)))
+            value = _setting(r, name)
+            if name in varying.get(r.model, []) and value is not None:
+                parts.append(template.format(value))
         out.inputs.append(
             PerInput(
                 model=" · ".join(parts),
@@ -297,6 +298,13 @@ def build_per_inputs(results: Iterable[ResultRow]) -> PerInputs:
                 key=r.run_id,
                 throughput_unit=r.throughput_unit,
             )
+        )
+    sample = [r for r in rows if r.metrics.get("data_source") == "sample"]
+    if sample:
+        out.notes.append(
+            f"{len(sample)} result{'s' * (len(sample) != 1)} used slmtui's embedded sample "
+            "items, not the benchmark data: "
+            + ", ".join(sorted({f"{r.model} on {r.task}" for r in sample}))
         )
     labels: dict[tuple[str, str], int] = {}
     for given in out.inputs:
