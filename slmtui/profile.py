@@ -135,18 +135,34 @@ class Profile:
         ``limit`` and ``data_dir`` (the command line's) override the profile's. With
         ``gpus_available``, runs needing more GPUs than that are left out (compare with
         ``runs()`` to tell the user what was dropped). Model sources are resolved through
-        ``slmtui.catalog.resolve_model``; an unknown source is a UserError.
+        ``slmtui.catalog.resolve_model``; an unknown source, a missing data folder or data file
+        is a UserError.
         """
         from slmtui.catalog import resolve_model
 
         if limit is not None and (isinstance(limit, bool) or limit < 1):
             raise UserError(f"--limit must be an integer >= 1, got {limit}")
         where = self._label()
-        run_data_dir = (
-            str(Path(data_dir).expanduser().resolve())
-            if data_dir is not None
-            else self._resolve_path(self.settings.data_dir)
-        )
+        if data_dir is not None:
+            run_data_dir: str | None = str(Path(data_dir).expanduser().resolve())
+            if not Path(run_data_dir).is_dir():
+                raise UserError(
+                    f"--data-dir {data_dir}: not a directory; expected <data_dir>/<task>/*.jsonl"
+                )
+        else:
+            run_data_dir = self._resolve_path(self.settings.data_dir)
+            if run_data_dir is not None and not Path(run_data_dir).is_dir():
+                raise UserError(
+                    f"{where}: [settings] data_dir '{self.settings.data_dir}' is not a directory "
+                    f"({run_data_dir}); expected <data_dir>/<task>/*.jsonl"
+                )
+        for task in self.tasks:
+            data_file = self._resolve_path(task.data_file)
+            if data_file is not None and not Path(data_file).is_file():
+                raise UserError(
+                    f"{where}: [tasks.{task.name}] data_file '{task.data_file}' is not a file "
+                    f"({data_file})"
+                )
         specs: list[RunSpec] = []
         for index, entry in enumerate(self.models, start=1):
             source = self._resolve_source(entry.source)

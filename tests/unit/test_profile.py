@@ -268,6 +268,8 @@ num_fewshot = 2
 [tasks.imdb]
 data_file = "imdb.jsonl"
 """
+    (tmp_path / "data").mkdir()
+    (tmp_path / "imdb.jsonl").write_text("")
     specs = load_profile(write(tmp_path, text)).runs()
     assert [(s.model.name, s.task, s.gpus) for s in specs] == [
         ("small", "gsm8k", 1),
@@ -291,6 +293,7 @@ data_file = "imdb.jsonl"
 
 def test_command_line_limit_and_data_dir_override(tmp_path: Path, fake_catalog: None):
     text = "[settings]\nlimit = 50\n" + MINIMAL + "limit = 9\n"
+    (tmp_path / "d").mkdir()
     (spec,) = load_profile(write(tmp_path, text)).runs(limit=2, data_dir=tmp_path / "d")
     assert spec.options.limit == 2
     assert spec.data_dir == str(tmp_path / "d")
@@ -309,6 +312,24 @@ def test_unknown_model_source_names_the_profile_entry(tmp_path: Path, fake_catal
     with pytest.raises(UserError) as info:
         load_profile(path).runs()
     assert str(info.value) == f"{path}: [[models]] #1 source: unknown model 'no-such-model'"
+
+
+def test_missing_data_folder_or_file_is_named_before_running(tmp_path: Path, fake_catalog: None):
+    path = write(tmp_path, '[settings]\ndata_dir = "nope"\n' + MINIMAL)
+    with pytest.raises(UserError) as info:
+        load_profile(path).runs()
+    assert str(info.value) == (
+        f"{path}: [settings] data_dir 'nope' is not a directory ({tmp_path / 'nope'}); "
+        "expected <data_dir>/<task>/*.jsonl"
+    )
+    path = write(tmp_path, MINIMAL + 'data_file = "g.jsonl"\n')
+    with pytest.raises(UserError) as info:
+        load_profile(path).runs()
+    assert str(info.value) == (
+        f"{path}: [tasks.gsm8k] data_file 'g.jsonl' is not a file ({tmp_path / 'g.jsonl'})"
+    )
+    with pytest.raises(UserError, match=r"--data-dir .*: not a directory"):
+        load_profile(write(tmp_path, MINIMAL)).runs(data_dir=tmp_path / "nope")
 
 
 # -- saving -----------------------------------------------------------------------------------
@@ -341,6 +362,8 @@ def test_save_elsewhere_keeps_relative_paths_pointing_at_the_same_files(
         '[settings]\ndata_dir = "data"\n[[models]]\nsource = "./m/x.gguf"\n'
         '[tasks.imdb]\ndata_file = "imdb.jsonl"\n'
     )
+    (tmp_path / "data").mkdir()
+    (tmp_path / "imdb.jsonl").write_text("")
     original = load_profile(write(tmp_path, text))
     moved = save_profile(original, tmp_path / "elsewhere" / "deep" / "p.toml")
     assert moved.settings.data_dir == "../../data"
