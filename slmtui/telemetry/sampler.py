@@ -447,7 +447,7 @@ class TelemetrySampler:
         util_pct_s = state.util.total - window.util_pct_s
         sampled = duration_s > 0 and state.n_gpu_samples > 0
         entry = _empty_window(window, None)
-        entry["duration_s"] = round(duration_s, 6)
+        entry["duration_s"] = duration_s
         if sampled:
             assert power_j is not None
             entry["power_integral_j"] = power_j
