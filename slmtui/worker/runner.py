@@ -1,0 +1,516 @@
+"""One run from spec to metrics: data, model, engine, warm-up, the measured window, scoring.
+
+Phases, each announced by ``RunProgress`` at least once a second (a heartbeat thread):
+
+loading    task data first (a bad file fails in a second, not after a model load), then the
+           model and tokenizer (``load_s``; a first-time GGUF conversion included).
+warmup     ``engine.warmup`` on the first ``WARMUP_REQUESTS`` requests (``warmup_s``).
+measuring  every request: a synchronised clock starts, the engine answers, each answer is scored
+           and sent as ``SampleScored``, the clock stops after a final synchronise
+           (``measured_s``). Load and warm-up are never inside THR/LAT.
+
+THR / LAT (DESIGN.md): generate mode, THR = generated tokens/s ÷ max(gpus, 1) and LAT = ms per
+generated token over the window; loglikelihood mode, THR = samples/s ÷ max(gpus, 1) and LAT =
+ms per sample. ``tokens_per_s`` / ``samples_per_s`` are totals over the run's GPUs.
+
+MEM: with NVML telemetry (``slmtui.telemetry``, when present) its figure and source; otherwise on
+a GPU torch's peak reserved memory (``mem_source`` "torch_reserved": the CUDA context is not in
+it), on the CPU the process's peak resident memory from the end of loading to the end of the run
+(``mem_source`` "rss"; a first-time GGUF conversion would otherwise count). MB here = 2**20 bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import torch
+
+from slmtui.errors import UserError
+from slmtui.protocol import Event, RunProgress, RunStarted, SampleScored
+from slmtui.spec import RunSpec
+from slmtui.tasks import build_requests, get_task, load_task_data, resolve_settings
+from slmtui.tasks.base import (
+    GenerateRequest,
+    GenerateResponse,
+    Item,
+    LoglikelihoodRequest,
+    LoglikelihoodResponse,
+    Request,
+    Scored,
+)
+from slmtui.worker.engines import get_engine
+from slmtui.worker.engines.base import Completed, Engine
+from slmtui.worker.hardware import describe_hardware
+from slmtui.worker.loading import LoadedModel, load_model
+
+MB = 1024 * 1024
+WARMUP_REQUESTS = 2
+HEARTBEAT_PERIOD_S = 0.5
+"""Progress period; half the protocol's one-second promise leaves room for a busy GIL."""
+
+Emit = Callable[[Event], None]
+
+
+class RunError(Exception):
+    """A classified failure: ``reason`` is a protocol ErrorReason, the message one line."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class LiveState:
+    """What the heartbeat reports; written by the main thread, read by the heartbeat."""
+
+    phase: str = "loading"
+    done: int = 0
+    total: int = 0
+    measure_started: float | None = None
+    tokens_out: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+# -- entry point ----------------------------------------------------------------------------------
+
+
+def run_spec(spec: RunSpec, run_id: str, emit: Emit) -> dict[str, Any]:
+    """Run ``spec``, emitting events; return the metrics of ``RunFinished``.
+
+    Raises RunError for classified failures, torch.OutOfMemoryError for OOM, anything else for a
+    crash; the caller turns them into ``RunFailed``.
+    """
+    check_spec(spec)
+    hardware = describe_hardware()
+    emit(RunStarted(run_id, spec=spec.to_dict(), pid=os.getpid(), hardware=hardware))
+    state = LiveState()
+    telemetry = Telemetry.start(spec.gpus)
+    heartbeat = Heartbeat(run_id, state, emit, telemetry)
+    heartbeat.start()
+    try:
+        metrics = _run(spec, run_id, emit, state, telemetry)
+    finally:
+        heartbeat.stop()
+        summary = telemetry.stop()
+    metrics["hardware"] = hardware
+    _apply_telemetry(metrics, summary)
+    return metrics
+
+
+def check_spec(spec: RunSpec) -> None:
+    """RunError("bad_spec") for values no part of the run could use."""
+    from slmtui.spec import DTYPES, ENGINES, PARALLEL_MODES
+
+    problems = []
+    if spec.model.kind not in ("hub", "local", "gguf", "pypi"):
+        problems.append(f"model.kind '{spec.model.kind}' (allowed: hub, local, gguf, pypi)")
+    if not isinstance(spec.gpus, int) or spec.gpus < 0:
+        problems.append(f"gpus {spec.gpus!r} (allowed: an integer >= 0)")
+    if not isinstance(spec.batch_size, int) or spec.batch_size < 1:
+        problems.append(f"batch_size {spec.batch_size!r} (allowed: an integer >= 1)")
+    if spec.dtype not in DTYPES:
+        problems.append(f"dtype '{spec.dtype}' (allowed: {', '.join(DTYPES)})")
+    if spec.engine not in ENGINES:
+        problems.append(f"engine '{spec.engine}' (allowed: {', '.join(ENGINES)})")
+    if spec.parallel not in PARALLEL_MODES:
+        problems.append(f"parallel '{spec.parallel}' (allowed: {', '.join(PARALLEL_MODES)})")
+    if problems:
+        raise RunError("bad_spec", "run spec: bad " + "; bad ".join(problems))
+
+
+def _run(
+    spec: RunSpec, run_id: str, emit: Emit, state: LiveState, telemetry: Telemetry
+) -> dict[str, Any]:
+    load_started = time.perf_counter()
+    try:
+        task = get_task(spec.task)
+        settings = resolve_settings(task, spec.options)
+    except UserError as exc:
+        raise RunError("bad_spec", str(exc)) from None
+    try:
+        data = load_task_data(spec.task, spec.options, spec.data_dir)
+        settings, requests = build_requests(task, data, spec.options)
+    except (UserError, OSError, ValueError) as exc:
+        raise RunError("data_failed", f"task {spec.task}: {exc}") from None
+    if not requests:
+        raise RunError("data_failed", f"task {spec.task}: no items in {data.location}")
+    state.total = len(requests)
+
+    notes: list[str] = []
+    loaded = _load(spec, notes)
+    state.device = loaded.device
+    engine = get_engine(spec.engine, notes)(
+        loaded.model, loaded.tokenizer, batch_size=spec.batch_size
+    )
+    load_s = time.perf_counter() - load_started
+
+    state.phase = "warmup"
+    warm = requests[:WARMUP_REQUESTS]
+    started = time.perf_counter()
+    engine.warmup(
+        [r for r in warm if isinstance(r, GenerateRequest)],
+        [r for r in warm if isinstance(r, LoglikelihoodRequest)],
+    )
+    _synchronize(loaded.device)
+    warmup_s = time.perf_counter() - started
+    rss_window = _reset_peak_rss()
+
+    state.phase = "measuring"
+    completions: list[Completed] = []
+    scored: list[Scored] = []
+    n_errors = 0
+    telemetry.begin_window("measured")
+    _synchronize(loaded.device)
+    state.measure_started = started = time.perf_counter()
+    for completed in _answer(engine, requests, settings.mode):
+        item = data.items[completed.index]
+        request = requests[completed.index]
+        result, error = _score(task, item, completed, settings.mode)
+        n_errors += error is not None
+        completions.append(completed)
+        scored.append(result)
+        emit(_sample_event(run_id, completed, item, request, result, error))
+        state.tokens_out += completed.tokens_out
+        state.done += 1
+    _synchronize(loaded.device)
+    measured_s = time.perf_counter() - started
+    window = telemetry.end_window("measured")
+
+    task_metrics = task.aggregate(scored)
+    notes += getattr(engine, "notes", [])
+    metrics = _timing_metrics(spec, settings.mode, completions, measured_s)
+    metrics.update(
+        accuracy=task_metrics.get(task.primary_metric),
+        task_metrics=task_metrics,
+        load_s=load_s,
+        warmup_s=warmup_s,
+        measured_s=measured_s,
+        n_samples=len(requests),
+        n_errors=n_errors,
+        mode=settings.mode,
+        engine=engine.name,
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        batch_size=spec.batch_size,
+        num_fewshot=settings.num_fewshot,
+        max_new_tokens=settings.max_new_tokens if settings.mode == "generate" else None,
+        task_version=task.version,
+        data_source=data.source,
+        data_location=data.location,
+        notes=notes + loaded.notes,
+    )
+    metrics.update(_memory_metrics(loaded.device, rss_window))
+    metrics.update(energy_j=None, energy_per_token_j=None, energy_per_sample_j=None)
+    metrics["energy_source"] = None
+    metrics["telemetry"] = {"window": window} if window else {}
+    return metrics
+
+
+def _load(spec: RunSpec, notes: list[str]) -> LoadedModel:
+    """Load the model; classify what goes wrong (OOM propagates as itself)."""
+    from slmtui.worker.loading import LoadError
+
+    kwargs: dict[str, Any] = {}
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if spec.gpus > 1 and world_size > 1 and spec.parallel == "tp":
+        kwargs["tp_plan"] = "auto"  # under torchrun every rank holds a shard
+    elif spec.gpus > 1 and world_size == 1:
+        kwargs["device_map"] = "auto"  # not under torchrun: layers spread over the GPUs
+        notes.append(f"{spec.gpus} GPUs without torchrun: layers split with device_map='auto'")
+    try:
+        loaded = load_model(spec.model, dtype=spec.dtype, gpus=spec.gpus, extra_kwargs=kwargs)
+    except LoadError as exc:
+        raise RunError("load_failed", str(exc)) from None
+    except UserError as exc:
+        raise RunError("bad_spec", str(exc)) from None
+    return loaded
+
+
+def _answer(engine: Engine, requests: Sequence[Request], mode: str) -> Any:
+    if mode == "generate":
+        return engine.generate([r for r in requests if isinstance(r, GenerateRequest)])
+    return engine.loglikelihood([r for r in requests if isinstance(r, LoglikelihoodRequest)])
+
+
+def _score(task: Any, item: Item, completed: Completed, mode: str) -> tuple[Scored, str | None]:
+    """The item's score; a scoring failure counts as an error scoring 0, the run goes on."""
+    try:
+        return task.score(item, completed.response, mode), None
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        print(f"slmtui: scoring item {item.id} failed: {message}", file=sys.stderr)
+        return Scored(score=0.0, prediction="", gold=""), message
+
+
+def _sample_event(
+    run_id: str,
+    completed: Completed,
+    item: Item,
+    request: Request,
+    scored: Scored,
+    error: str | None,
+) -> SampleScored:
+    response = completed.response
+    extra: dict[str, Any] = dict(scored.metrics)
+    extra.update(tokens_in=completed.tokens_in, tokens_out=completed.tokens_out)
+    if completed.ttft_s is not None:
+        extra["ttft_ms"] = completed.ttft_s * 1000
+    if isinstance(response, GenerateResponse):
+        prompt, output = request.prompt, response.text  # type: ignore[union-attr]
+        extra["prediction"] = scored.prediction
+    else:
+        assert isinstance(request, LoglikelihoodRequest)
+        assert isinstance(response, LoglikelihoodResponse)
+        prompt, output = request.context, scored.prediction
+        extra.update(
+            continuations=list(request.continuations),
+            logprobs=list(response.logprobs),
+            greedy=list(response.greedy),
+        )
+    if error is not None:
+        extra["error"] = error
+    return SampleScored(
+        run_id,
+        index=completed.index,
+        item_id=item.id,
+        prompt=prompt,
+        output=output,
+        gold=scored.gold,
+        score=scored.score,
+        extra=extra,
+    )
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+def _timing_metrics(
+    spec: RunSpec, mode: str, completions: list[Completed], measured_s: float
+) -> dict[str, Any]:
+    """THR, LAT and their parts (see the module docstring)."""
+    per_gpu = max(spec.gpus, 1)
+    n = len(completions)
+    tokens_in = sum(c.tokens_in for c in completions)
+    tokens_out = sum(c.tokens_out for c in completions)
+    seconds = max(measured_s, 1e-9)
+    samples_per_s = n / seconds
+    ms_per_sample = 1000 * seconds / n if n else None
+    tokens_per_s = tokens_out / seconds if mode == "generate" else None
+    ms_per_token = 1000 * seconds / tokens_out if mode == "generate" and tokens_out else None
+    ttfts = [c.ttft_s for c in completions if c.ttft_s is not None]
+    if mode == "generate":
+        throughput = tokens_per_s / per_gpu if tokens_per_s is not None else None
+        unit, latency = "tokens/s", ms_per_token
+    else:
+        throughput, unit, latency = samples_per_s / per_gpu, "samples/s", ms_per_sample
+    return {
+        "throughput": throughput,
+        "throughput_unit": unit,
+        "latency_ms": latency,
+        "tokens_per_s": tokens_per_s,
+        "samples_per_s": samples_per_s,
+        "ms_per_token": ms_per_token,
+        "ms_per_sample": ms_per_sample,
+        "ttft_ms": 1000 * sum(ttfts) / len(ttfts) if ttfts else None,
+        "tokens_in": tokens_in,
+        "tokens_out": tokens_out,
+    }
+
+
+def _memory_metrics(device: torch.device, rss_window: bool) -> dict[str, Any]:
+    if device.type == "cuda":
+        reserved = torch.cuda.max_memory_reserved(device) / MB
+        return {
+            "peak_mem_mb": reserved,
+            "mem_source": "torch_reserved",
+            "torch_peak_allocated_mb": torch.cuda.max_memory_allocated(device) / MB,
+            "torch_peak_reserved_mb": reserved,
+        }
+    return {
+        "peak_mem_mb": _peak_rss_mb(),
+        "mem_source": "rss",
+        "torch_peak_allocated_mb": None,
+        "torch_peak_reserved_mb": None,
+    }
+
+
+def _apply_telemetry(metrics: dict[str, Any], summary: dict[str, Any]) -> None:
+    """NVML's memory and energy replace torch's where the telemetry measured them."""
+    if not summary:
+        return
+    window = metrics.get("telemetry", {}).get("window") or {}
+    metrics["telemetry"] = {**summary, **({"window": window} if window else {})}
+    for source in (window, summary):
+        if source.get("energy_j") is not None and metrics["energy_j"] is None:
+            metrics["energy_j"] = float(source["energy_j"])
+            metrics["energy_source"] = source.get("energy_source", "nvml_counter")
+    if summary.get("peak_mem_mb") is not None:
+        metrics["peak_mem_mb"] = float(summary["peak_mem_mb"])
+        metrics["mem_source"] = summary.get("mem_source", "nvml_process")
+    energy = metrics["energy_j"]
+    if energy is not None:
+        if metrics.get("tokens_out"):
+            metrics["energy_per_token_j"] = energy / metrics["tokens_out"]
+        if metrics.get("n_samples"):
+            metrics["energy_per_sample_j"] = energy / metrics["n_samples"]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process: VmHWM (since the last reset), else ru_maxrss."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / MB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB
+
+
+def current_mem_mb(device: torch.device) -> float:
+    """Now: torch's reserved GPU memory on a GPU, the process RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_reserved(device) / MB
+    return psutil.Process().memory_info().rss / MB
+
+
+# -- live progress --------------------------------------------------------------------------------
+
+
+class Heartbeat:
+    """Emits ``RunProgress`` every ``HEARTBEAT_PERIOD_S`` until stopped (a daemon thread)."""
+
+    def __init__(self, run_id: str, state: LiveState, emit: Emit, telemetry: Telemetry) -> None:
+        self.run_id = run_id
+        self.state = state
+        self.emit = emit
+        self.telemetry = telemetry
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="slmtui-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.emit(self.progress())
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_PERIOD_S):
+            self.emit(self.progress())
+
+    def progress(self) -> RunProgress:
+        s = self.state
+        elapsed_s = 0.0
+        tokens_per_s = ms_per_token = samples_per_s = None
+        if s.phase == "measuring" and s.measure_started is not None:
+            elapsed_s = time.perf_counter() - s.measure_started
+            if elapsed_s > 0:
+                samples_per_s = s.done / elapsed_s
+                if s.tokens_out:
+                    tokens_per_s = s.tokens_out / elapsed_s
+                    ms_per_token = 1000 * elapsed_s / s.tokens_out
+        mem_mb = None
+        with contextlib.suppress(Exception):
+            mem_mb = current_mem_mb(s.device)
+        return RunProgress(
+            self.run_id,
+            phase=s.phase,  # type: ignore[arg-type]
+            done=s.done,
+            total=s.total,
+            elapsed_s=elapsed_s,
+            tokens_per_s=tokens_per_s,
+            ms_per_token=ms_per_token,
+            samples_per_s=samples_per_s,
+            mem_mb=mem_mb,
+            telemetry=self.telemetry.snapshot(),
+        )
+
+
+# -- telemetry (NVML, built elsewhere) ------------------------------------------------------------
+
+
+class Telemetry:
+    """``slmtui.telemetry.TelemetrySampler`` when there are GPUs and it exists; else does nothing.
+
+    Every call is guarded: telemetry trouble is logged to stderr and never fails the run.
+    """
+
+    def __init__(self, sampler: Any | None) -> None:
+        self.sampler = sampler
+
+    @classmethod
+    def start(cls, gpus: int) -> Telemetry:
+        if gpus <= 0:
+            return cls(None)
+        try:
+            from slmtui.telemetry import TelemetrySampler  # type: ignore[attr-defined]
+        except ImportError:
+            return cls(None)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        try:
+            indices = [int(i) for i in visible.split(",") if i.strip()]
+        except ValueError:
+            indices = []
+        indices = indices or list(range(gpus))
+        # Under torchrun the ranks are children of the launcher: watch the launcher's tree.
+        pid = os.getppid() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else os.getpid()
+        try:
+            sampler = TelemetrySampler(indices, pid, period_s=0.2)
+            sampler.start()
+        except Exception as exc:
+            print(f"slmtui: telemetry did not start: {exc!r}", file=sys.stderr)
+            return cls(None)
+        return cls(sampler)
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            result = fn()
+        except Exception as exc:
+            print(f"slmtui: telemetry {what} failed: {exc!r}", file=sys.stderr)
+            return None
+        return result
+
+    def begin_window(self, name: str) -> None:
+        if self.sampler is not None:
+            self._call("begin_window", lambda: self.sampler.begin_window(name))
+
+    def end_window(self, name: str) -> dict[str, Any]:
+        if self.sampler is None:
+            return {}
+        result = self._call("end_window", lambda: self.sampler.end_window(name))
+        return result if isinstance(result, dict) else {}
+
+    def snapshot(self) -> dict[str, Any]:
+        if self.sampler is None:
+            return {}
+        result = self._call("snapshot", self.sampler.snapshot)
+        return result if isinstance(result, dict) else {}
+
+    def stop(self) -> dict[str, Any]:
+        if self.sampler is None:
+            return {}
+        result = self._call("stop", self.sampler.stop)
+        self.sampler = None
+        return result if isinstance(result, dict) else {}
