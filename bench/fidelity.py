@@ -544,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             if poller:
                 poller.mark("run_end")
         result["checks"] = compare(metrics, hooks, poller, cuda)
+        result["telemetry_report"] = hooks.sampler_report
         result["worker_metrics"] = {
             k: v for k, v in metrics.items() if k not in ("telemetry", "task_metrics")
         }
