@@ -6,10 +6,12 @@ one per GPU, every rank seeing all k GPUs (``CUDA_VISIBLE_DEVICES``), rank r dri
 - ``tp`` (the default): every rank loads its shard through transformers' tensor-parallel plan
   and runs the same ``generate`` on the same inputs; the model's collectives keep the ranks in
   lockstep and every rank ends with the same tokens. Rank 0 reports.
-- ``tp`` for an architecture without a plan: rank 0 alone loads the model layer-sharded over all
-  the run's GPUs (accelerate, ``device_map="auto"``) and runs it; the other ranks leave the
-  process group and return no model (the caller exits them). ``load_parallel``'s note says so,
-  for the result. After that the collective helpers here act as in a single process.
+- ``tp`` for a model that cannot be split that way (its architecture has no plan, or the GPU
+  count does not divide its attention / KV head counts: Qwen2.5-1.5B's 2 KV heads allow 2 GPUs,
+  not 4): rank 0 alone loads the model layer-sharded over all the run's GPUs (accelerate,
+  ``device_map="auto"``) and runs it; the other ranks leave the process group and return no
+  model (the caller exits them). ``load_parallel``'s note says so, for the result. After that
+  the collective helpers here act as in a single process.
 - ``dp``: every rank loads a full replica on its own GPU, takes ``items[rank::world]``, and the
   results are gathered to rank 0 in the original order.
 
@@ -43,6 +45,9 @@ from slmtui.spec import PARALLEL_MODES
 
 T = TypeVar("T")
 Parallel = Literal["tp", "dp"]
+
+FALLBACK = "layer-sharded with accelerate device_map"
+"""How a model that cannot be tensor-parallel runs on several GPUs (the note's second half)."""
 
 _CONFIG_KWARGS = ("local_files_only", "revision", "trust_remote_code", "cache_dir", "token")
 """Load keywords that also matter when reading a model's config (the rest stay with the model)."""
@@ -160,9 +165,11 @@ def load_parallel(
 
     ``model_source`` is what ``from_pretrained`` reads (a directory, a cached hub id);
     ``load_kwargs`` go to it too (``local_files_only``, ``attn_implementation``...).
-    tp: this rank's shard. dp: a full replica on this rank's GPU. A tp model whose architecture
-    has no tensor-parallel plan is loaded layer-sharded by rank 0 alone; the other ranks get
-    ``None`` and should exit. The note, when not None, belongs in the result.
+    tp: this rank's shard. dp: a full replica on this rank's GPU. A tp model that cannot be
+    tensor-parallel (``tp_obstacle``: no plan, or head counts the world does not divide) is
+    loaded layer-sharded by rank 0 alone; the other ranks get ``None`` and should exit. A lone
+    process gets the model on its device (layer-sharded when it sees several GPUs). The note,
+    when not None, belongs in the result.
     """
     if parallel not in PARALLEL_MODES:
         raise UserError(
@@ -171,35 +178,56 @@ def load_parallel(
         )
     kwargs: dict[str, Any] = {"dtype": dtype, **(load_kwargs or {})}
     if not ctx.is_distributed:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if parallel == "tp" and gpus > 1:
+            note = f"{gpus} GPUs in one process (no torchrun); {FALLBACK}"
+            return _layer_sharded(model_source, kwargs, ctx, note)
         model = _from_pretrained(model_source, kwargs)
         return model.to(ctx.device).eval(), None
     if parallel == "dp":
         model = _from_pretrained(model_source, {**kwargs, "device_map": {"": ctx.device}})
         return model.eval(), f"data parallel: {ctx.world_size} replicas, items split between them"
-    arch = _architecture(model_source, kwargs)
-    if has_tp_plan(model_source, kwargs):
+    config = _config(model_source, kwargs)
+    reason = tp_obstacle(config, ctx.world_size)
+    if reason is None:
         try:
             model = _from_pretrained(model_source, {**kwargs, **tensor_parallel_kwargs(ctx)})
         except (ValueError, NotImplementedError) as exc:
             if "plan" not in str(exc).lower():
                 raise
+            reason = f"no tensor-parallel plan for {_architecture(config)}"
         else:
             return model.eval(), f"tensor parallel over {ctx.world_size} GPUs (tp_plan auto)"
-    return _layer_sharded(model_source, kwargs, ctx, arch)
+    return _layer_sharded(model_source, kwargs, ctx, f"{reason}; {FALLBACK}")
 
 
-def no_plan_note(arch: str) -> str:
-    return f"no tensor-parallel plan for {arch}; layer-sharded with accelerate device_map"
+def tp_obstacle(config: Any, world_size: int) -> str | None:
+    """Why the model cannot be tensor-parallel over ``world_size`` GPUs; None when it can.
+
+    It needs a plan (``base_model_tp_plan``) and head counts the world divides: column-wise
+    q/k/v shards must hold whole heads, or the first forward fails on a reshape.
+    """
+    arch = _architecture(config)
+    if not getattr(config, "base_model_tp_plan", None):
+        return f"no tensor-parallel plan for {arch}"
+    text = getattr(config, "get_text_config", lambda: config)()
+    heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if heads and kv_heads and (heads % world_size or kv_heads % world_size):
+        return (
+            f"tensor parallel over {world_size} GPUs needs head counts divisible by "
+            f"{world_size} ({arch}: {heads} attention, {kv_heads} KV heads)"
+        )
+    return None
 
 
 def _layer_sharded(
-    model_source: str | os.PathLike[str], kwargs: dict[str, Any], ctx: DistContext, arch: str
+    model_source: str | os.PathLike[str], kwargs: dict[str, Any], ctx: DistContext, note: str
 ) -> tuple[Any | None, str]:
-    """The no-plan fallback: rank 0 alone spreads the layers over every visible GPU."""
+    """The fallback: rank 0 alone spreads the layers over every visible GPU."""
     if group_active(ctx):
         dist.barrier()
         dist.destroy_process_group()
-    note = no_plan_note(arch)
     if not ctx.is_primary:
         return None, note
     print(f"slmtui: {note}", file=sys.stderr, flush=True)
@@ -226,13 +254,7 @@ def tensor_parallel_kwargs(ctx: DistContext) -> dict[str, Any]:
     return {"distributed_config": DistributedConfig(**config)}
 
 
-def has_tp_plan(model_source: str | os.PathLike[str], load_kwargs: Mapping[str, Any]) -> bool:
-    """Whether the model's config declares a tensor-parallel plan (``base_model_tp_plan``)."""
-    return bool(getattr(_config(model_source, load_kwargs), "base_model_tp_plan", None))
-
-
-def _architecture(model_source: str | os.PathLike[str], load_kwargs: Mapping[str, Any]) -> str:
-    config = _config(model_source, load_kwargs)
+def _architecture(config: Any) -> str:
     names = getattr(config, "architectures", None) or [type(config).__name__]
     return str(names[0])
 

@@ -251,6 +251,19 @@ def test_tp_load_that_raises_for_a_missing_plan_falls_back_to_layer_sharding(
     assert all("device_map" not in c for c in calls)  # only rank 0 loads the fallback
 
 
+def test_tp_needs_a_plan_and_head_counts_the_gpu_count_divides() -> None:
+    from transformers import GPT2Config, LlamaConfig
+
+    llama = LlamaConfig(num_attention_heads=12, num_key_value_heads=2, hidden_size=96)
+    llama.architectures = ["LlamaForCausalLM"]
+    assert wd.tp_obstacle(llama, 2) is None
+    assert wd.tp_obstacle(llama, 4) == (
+        "tensor parallel over 4 GPUs needs head counts divisible by 4 "
+        "(LlamaForCausalLM: 12 attention, 2 KV heads)"
+    )
+    assert wd.tp_obstacle(GPT2Config(), 2) == "no tensor-parallel plan for GPT2Config"
+
+
 def test_tp_load_error_unrelated_to_plans_propagates(
     tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
