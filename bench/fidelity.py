@@ -313,7 +313,12 @@ def worker_run(
 def overhead_ab(
     checkpoint: Path, gpus: int, repeats: int, n_requests: int, new_tokens: int, period_s: float
 ) -> dict[str, Any]:
-    """Plain-engine tokens/s with the sampler running vs not, alternating which goes first."""
+    """Plain-engine tokens/s with the sampler running vs not, in pairs of alternating order.
+
+    Each pair runs the same generation without and with a sampler; the overhead is 1 - the
+    median of the pairs' on/off ratios (pairing cancels the host's slow drift). The sampler's
+    duty cycle (wall time inside ``_sample`` per period, GIL mostly held) bounds the cost too.
+    """
     import torch
 
     from slmtui.spec import ModelRef
@@ -325,10 +330,18 @@ def overhead_ab(
     ref = ModelRef(name="qwen2.5-0.5b-random", source=str(checkpoint), kind="local")
     loaded = load_model(ref, dtype="bfloat16", gpus=gpus)
     engine = PlainEngine(loaded.model, loaded.tokenizer, batch_size=1)
-    prompt = " ".join(f"w{(i * 7919) % 5000 + 2}" for i in range(128))
+    prompt = " ".join(f"w{(i * 7919) % 5000 + 300}" for i in range(32))
     requests = [GenerateRequest(prompt, new_tokens, ()) for _ in range(n_requests)]
     cuda = loaded.device.type == "cuda"
-    engine.warmup(requests[:1], [])
+    sample_s: list[float] = []
+    original_sample = TelemetrySampler._sample
+
+    def timed_sample(sampler: Any) -> None:
+        started = time.perf_counter()
+        original_sample(sampler)
+        sample_s.append(time.perf_counter() - started)
+
+    TelemetrySampler._sample = timed_sample  # type: ignore[method-assign]
 
     def once(sampled: bool) -> float:
         sampler = TelemetrySampler(list(range(gpus)), os.getpid(), period_s) if sampled else None
@@ -345,23 +358,34 @@ def overhead_ab(
             sampler.stop()
         return tokens / seconds
 
+    once(False)  # full-length warm-up: allocator, kernels, caches
+    once(True)
+    sample_s.clear()
     on: list[float] = []
     off: list[float] = []
     for r in range(repeats):
         for sampled in (r % 2 == 0, r % 2 == 1):
             (on if sampled else off).append(once(sampled))
-    median_on, median_off = statistics.median(on), statistics.median(off)
+    TelemetrySampler._sample = original_sample  # type: ignore[method-assign]
+    ratios = sorted(a / b for a, b in zip(on, off, strict=True))
+    mean_sample_s = statistics.mean(sample_s) if sample_s else None
     return {
         "period_s": period_s,
-        "repeats": repeats,
-        "requests_per_repeat": n_requests,
+        "pairs": repeats,
+        "requests_per_run": n_requests,
         "new_tokens": new_tokens,
         "tokens_per_s_on": on,
         "tokens_per_s_off": off,
-        "median_on": median_on,
-        "median_off": median_off,
-        "overhead_pct": 100 * (1 - median_on / median_off),
-        "spread_off_pct": 100 * (max(off) - min(off)) / median_off,
+        "median_on": statistics.median(on),
+        "median_off": statistics.median(off),
+        "overhead_pct": 100 * (1 - statistics.median(ratios)),
+        "overhead_of_medians_pct": 100 * (1 - statistics.median(on) / statistics.median(off)),
+        "pair_ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios,
+        "spread_off_pct": 100 * (max(off) - min(off)) / statistics.median(off),
+        "samples_timed": len(sample_s),
+        "sample_mean_ms": None if mean_sample_s is None else 1000 * mean_sample_s,
+        "sample_max_ms": 1000 * max(sample_s) if sample_s else None,
+        "duty_cycle_pct": None if mean_sample_s is None else 100 * mean_sample_s / period_s,
     }
 
 
@@ -394,20 +418,28 @@ def compare(
     t["ms_per_token_diff_pct"] = pct(t["reported_ms_per_token"], t["independent_ms_per_token"])
     report = hooks.sampler_report or {}
     if poller is not None:
-        run = poller.marks.get("run_end", {})
+        # every mark closes a segment: the run is the segments after run_begin, up to run_end
+        names = list(poller.marks)
+        segments = [poller.marks[n] for n in names[names.index("run_begin") + 1 :]]
+        run = {
+            "process_max_mb": max(m["process_max_mb"] for m in segments),
+            "device_max_mb": max(m["device_max_mb"] for m in segments),
+            "pid_seen": any(m["pid_seen"] for m in segments),
+            "n_polls": sum(m["n_polls"] for m in segments),
+        }
         source = metrics.get("mem_source")
-        reference = run.get("process_max_mb") if source == "nvml_process" else None
+        reference = run["process_max_mb"] if source == "nvml_process" else None
         if source == "nvml_device":
-            reference = run.get("device_max_mb")
+            reference = run["device_max_mb"]
         out["memory"] = {
             "reported_peak_mem_mb": metrics.get("peak_mem_mb"),
             "mem_source": source,
             "torch_peak_reserved_mb": metrics.get("torch_peak_reserved_mb"),
             "torch_peak_allocated_mb": metrics.get("torch_peak_allocated_mb"),
-            "poller_process_max_mb": run.get("process_max_mb"),
-            "poller_device_max_mb": run.get("device_max_mb"),
-            "poller_pid_seen": run.get("pid_seen"),
-            "poller_polls": run.get("n_polls"),
+            "poller_process_max_mb": run["process_max_mb"],
+            "poller_device_max_mb": run["device_max_mb"],
+            "poller_pid_seen": run["pid_seen"],
+            "poller_polls": run["n_polls"],
             "diff_pct": pct(metrics.get("peak_mem_mb"), reference),
         }
         window = hooks.windows[-1] if hooks.windows else {}
@@ -493,8 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny model (CPU dry run)")
     parser.add_argument("--limit", type=int, default=10, help="gsm8k sample items measured")
     parser.add_argument("--new-tokens", type=int, default=96)
-    parser.add_argument("--repeats", type=int, default=7, help="A/B repeats per arm")
-    parser.add_argument("--ab-requests", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15, help="A/B pairs")
+    parser.add_argument("--ab-requests", type=int, default=1)
     parser.add_argument("--ab-new-tokens", type=int, default=64)
     parser.add_argument("--period-s", type=float, default=0.2)
     parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)

@@ -40,8 +40,11 @@ _Family = dict[int, psutil.Process | None]
 MAX_CONSECUTIVE_FAILURES = 3
 """Samples in a row in which every NVML reading failed before NVML is given up for the run."""
 MAX_ERRORS_KEPT = 10
-FAMILY_REFRESH_S = 1.0
-"""How often the worker's process tree (children via psutil) is re-read."""
+FAMILY_REFRESH_S = 5.0
+"""How often the worker's process tree (children via psutil) is re-read: a scan of every process
+on the box (~4 ms of mostly GIL-held Python), too dear for every sample."""
+UNKNOWN_PID_REFRESH_S = 1.0
+"""Sooner when NVML lists a PID outside the known tree (a new child?), at most this often."""
 
 REPORT_METRIC_KEYS = (
     "peak_mem_mb",
@@ -341,6 +344,8 @@ class TelemetrySampler:
             gpu.process_mem_mb = None
             self._note_error(exc)
             return failed + 1
+        if any(p.pid not in family for p in processes):
+            family = self._read_family(t_s, UNKNOWN_PID_REFRESH_S)
         own = [p for p in processes if p.pid in family]
         gpu.process_count = len(processes)
         own_mb = [p.used_mb for p in own if p.used_mb is not None]
@@ -362,9 +367,9 @@ class TelemetrySampler:
                     seen.used_mb = proc.used_mb
         return failed
 
-    def _read_family(self, t_s: float) -> _Family:
-        """The run's process tree by PID (``None``: not readable through psutil)."""
-        if t_s - self._family_read_at >= FAMILY_REFRESH_S:
+    def _read_family(self, t_s: float, max_age_s: float = FAMILY_REFRESH_S) -> _Family:
+        """The run's process tree by PID, re-read when older than ``max_age_s``."""
+        if t_s - self._family_read_at >= max_age_s:
             self._family_read_at = t_s
             family: _Family = {self.pid: None}
             with contextlib.suppress(psutil.Error):

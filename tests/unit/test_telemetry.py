@@ -215,6 +215,25 @@ def test_peak_memory_is_the_process_tree_summed_over_the_runs_gpus(
     assert max(m for m in report["series"]["process_mem_mb"] if m is not None) == 1900.0
 
 
+def test_a_child_started_mid_run_is_found_when_nvml_lists_it(
+    fake: FakeNvml, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("slmtui.telemetry.sampler.UNKNOWN_PID_REFRESH_S", 0.0)
+    sampler = TelemetrySampler([0], ME, period_s=NEVER)
+    sampler.start()  # the process tree is read here: no child yet
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        fake.procs = [[(ME, 100 * MIB), (proc.pid, 400 * MIB)]]
+        sampler.begin_window("load")  # an unknown PID on the GPU: the tree is read again
+        sampler.end_window("load")
+        report = sampler.stop()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert report["peak_mem_mb"] == 500.0
+    assert report["contaminated"] is False and report["foreign_processes"] == []
+
+
 def test_invisible_pid_falls_back_to_the_gpus_used_memory(fake: FakeNvml) -> None:
     fake.procs = [[(NO_SUCH_PID, 900 * MIB)], []]  # a host PID: ours, seen from a container
     fake.used_bytes = [3000 * MIB, 1000 * MIB]
