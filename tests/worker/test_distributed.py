@@ -335,3 +335,122 @@ def test_torchrun_job_dp_and_tp_match_a_single_process(
     assert fallback["has_model"] and not fallback["group_after"]
     gpt2 = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"], dtype=torch.float32)
     assert fallback["tokens"] == _greedy(gpt2, PROMPTS[0])
+
+
+# -- the multi-GPU benchmark script (bench/multigpu.py) ---------------------------------------
+
+
+def _bench() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_multigpu", REPO / "bench" / "multigpu.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _FakeNvml:
+    """Two GPUs; the job's pids 11 and 12 use 1000 MiB on GPU 5 and 1500 MiB on GPU 6."""
+
+    def __init__(self) -> None:
+        self.energy_mj = 1_000_000
+
+    def nvmlInit(self) -> None: ...
+    def nvmlShutdown(self) -> None: ...
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> Any:
+        return type("Mem", (), {"used": (2000 + h) * 1024 * 1024})()
+
+    def nvmlDeviceGetPowerUsage(self, h: int) -> int:
+        return 300_000
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h: int) -> list[Any]:
+        proc = type("Proc", (), {})
+        mine = {5: (11, 1000), 6: (12, 1500)}[h]
+        out = []
+        for pid, mib in (mine, (99, 4000)):  # pid 99 is someone else's
+            p = proc()
+            p.pid, p.usedGpuMemory = pid, mib * 1024 * 1024
+            out.append(p)
+        return out
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h: int) -> int:
+        self.energy_mj += 250_000  # each read 250 J later
+        return self.energy_mj
+
+
+def test_bench_nvml_sampler_counts_only_the_jobs_processes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bench = _bench()
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
+    sampler = bench.NvmlSampler([5, 6], [11, 12], period_s=0.01).start()
+    sampler.begin()
+    sampler.end()
+    per_gpu = sampler.stop()
+    assert [g["nvml_index"] for g in per_gpu] == [5, 6]
+    assert [g["peak_job_process_mb"] for g in per_gpu] == [1000.0, 1500.0]
+    assert [g["peak_device_used_mb"] for g in per_gpu] == [2005.0, 2006.0]
+    assert per_gpu[0]["peak_power_w"] == 300.0
+    # begin read GPU 5 then 6, end read 5 then 6: each delta spans two later reads = 500 J.
+    assert [g["window_energy_j"] for g in per_gpu] == [500.0, 500.0]
+
+
+def test_bench_comparison_counts_identical_tokens_and_near_ties() -> None:
+    bench = _bench()
+    ref = {
+        "tokens": [[1, 2, 3], [4, 5, 6]],
+        "teacher_forced": [
+            {"lp": [-1.0, -2.0, -3.0], "top1": [1, 2, 3], "gap": [0.5, 0.01, 0.2]},
+            {"lp": [-1.0, -1.0, -1.0], "top1": [4, 5, 6], "gap": [0.3, 0.3, 0.3]},
+        ],
+    }
+    run = {
+        "tokens": [[1, 9, 9], [4, 5, 6]],
+        "teacher_forced": [
+            {"lp": [-1.0, -2.5, -3.0], "top1": [1, 9, 3], "gap": [0.5, 0.02, 0.2]},
+            {"lp": [-1.0, -1.0, -1.25], "top1": [4, 5, 6], "gap": [0.3, 0.3, 0.3]},
+        ],
+    }
+    c = bench.compare_runs(ref, run)
+    assert c["identical_sequences"] == 1 and c["identical_sequence_share"] == 0.5
+    assert c["identical_token_share"] == 4 / 6
+    assert c["median_first_divergence"] == 1
+    assert c["tf_logprob_max_abs_diff"] == 0.5
+    assert c["tf_logprob_mean_abs_diff"] == pytest.approx(0.75 / 6)
+    assert c["tf_next_token_agreement"] == 5 / 6
+    assert c["flipped_max_ref_top2_gap"] == 0.01  # the one flip was a near tie
+    assert bench.intervals_overlap([(0.0, 10.0), (4.0, 12.0)]) == 6.0
+    assert bench.intervals_overlap([(0.0, 1.0), (2.0, 3.0)]) == 0.0
+
+
+@pytest.mark.slow
+def test_bench_dry_run_on_the_cpu(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    out = tmp_path / "out"
+    argv = [sys.executable, str(REPO / "bench" / "multigpu.py"), "--dry-run"]
+    argv += ["--out", str(out), "--work", str(tmp_path / "work")]
+    argv += ["--modes", "single,tp"]  # dp's split and gather: the torchrun job above
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    report = json.loads((out / "multigpu.json").read_text())
+    assert done.returncode == 0, (report["errors"], done.stderr[-2000:])
+    assert report["errors"] == []
+    runs = report["runs"]
+    assert set(runs) == {"single_float32", "tp_float32"}
+    assert runs["tp_float32"]["note"] == "tensor parallel over 2 GPUs (tp_plan auto)"
+    assert runs["tp_float32"]["gpus"] == 2
+    assert runs["tp_float32"]["tokens_out"] == 6 * 6  # 6 prompts x 6 new tokens, not doubled
+    c = report["comparisons"]["tp_float32"]
+    assert c["identical_sequence_share"] == 1.0  # fp32 on the CPU: token identity
+    assert c["tf_logprob_max_abs_diff"] < 1e-4
+    sched = report["scheduler"]
+    assert sched["how"] == "slmtui.scheduler.Scheduler"
+    assert sched["both_finished"] and sched["different_gpus"] and sched["concurrent"]
+    assert sorted(r["scheduler_gpu_ids"] for r in sched["runs"]) == [[0], [1]]
+    text = (out / "multigpu.txt").read_text()
+    assert "DRY RUN" in text and "concurrent = True" in text
