@@ -98,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"slmtui: run failed ({exc.reason}): {exc}", file=sys.stderr)
             emit(RunFailed(run_id, reason=exc.reason, message=str(exc)))  # type: ignore[arg-type]
             return 1
-        emit(RunFinished(run_id, metrics=metrics))
+        if metrics is not None:  # None: a torchrun rank other than 0, which reports nothing
+            emit(RunFinished(run_id, metrics=metrics))
         return 0
     except Cancelled:
         print("slmtui: cancelled (SIGTERM)", file=sys.stderr)

