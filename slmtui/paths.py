@@ -7,7 +7,10 @@ from pathlib import Path
 
 
 def data_dir() -> Path:
-    """Results live here: $SLMTUI_DATA_DIR, else $XDG_DATA_HOME/slmtui, else ~/.local/share/slmtui."""
+    """Where results live.
+
+    $SLMTUI_DATA_DIR, else $XDG_DATA_HOME/slmtui, else ~/.local/share/slmtui.
+    """
     if env := os.environ.get("SLMTUI_DATA_DIR"):
         return Path(env)
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"

@@ -438,7 +438,8 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2)
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
 
     def _loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_PERIOD_S):

@@ -41,7 +41,11 @@ class Engine(ABC):
         self.tokenizer = tokenizer
         self.batch_size = batch_size
 
-    def warmup(self, generate: Sequence[GenerateRequest], loglikelihood: Sequence[LoglikelihoodRequest]) -> None:  # noqa: B027
+    def warmup(  # noqa: B027
+        self,
+        generate: Sequence[GenerateRequest],
+        loglikelihood: Sequence[LoglikelihoodRequest],
+    ) -> None:
         """Compile, capture graphs, touch kernels. Reported apart, never inside THR/LAT."""
 
     @abstractmethod
