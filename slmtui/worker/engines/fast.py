@@ -64,7 +64,7 @@ from slmtui.worker.engines.plain import PlainEngine, _first_stop, is_oom
 ATTENTION_NAME = "slmtui_fast"
 CHECK_EVERY_TOKENS = 16
 """Decode steps between host-side stop checks (one device sync each)."""
-CAPACITY_STEP = 128
+CAPACITY_STEP = 64
 """The KV cache's capacity (tokens per row) is rounded up to a multiple of this."""
 WARMUP_MAX_NEW_TOKENS = 8
 
@@ -444,14 +444,14 @@ class FastEngine(PlainEngine):
     ) -> None:
         """Size the KV cache from the given requests, capture every batch-size bucket, run them.
 
-        The cache gets room for prompts half again as long as the longest given (the runner
+        The cache gets room for prompts a quarter longer than the longest given (the runner
         warms up on a few requests only); a longer batch later grows it (noted).
         """
         started = time.perf_counter()
         if generate:
             longest = max(len(self._encode(r.prompt)) for r in generate)
             budget = max(r.max_new_tokens for r in generate)
-            self._ensure_capacity(min(self.max_length, int(longest * 1.5) + budget))
+            self._ensure_capacity(min(self.max_length, int(longest * 1.25) + budget))
             self._touch_buffers(max(1, longest))
             if self.use_graphs:
                 for rows in self._buckets():
