@@ -129,6 +129,38 @@ def _allowed_forms() -> str:
     )
 
 
+def hub_offline_reason() -> str | None:
+    """Why the model hub cannot be used here ("HF_HUB_OFFLINE is set", "the hub is
+    unreachable"), or None when it answers."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return "HF_HUB_OFFLINE is set"
+    from slmtui.tasks.data import hub_reachable
+
+    return None if hub_reachable() else "the hub is unreachable"
+
+
+def hub_model_unavailable(hub_id: str) -> str | None:
+    """Why hub model ``hub_id`` cannot load on this machine, or None (cached, or the hub answers).
+
+    The app asks this before any worker starts, so a model missing offline is a user error;
+    the worker's loader gives the same message if it gets that far.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+        return None
+    why = hub_offline_reason()
+    return None if why is None else hub_missing_message(hub_id, why)
+
+
+def hub_missing_message(hub_id: str, why: str) -> str:
+    """One line: the hub model is not cached, why the hub cannot help, and what loads offline."""
+    return (
+        f"model '{hub_id}' is not in the local Hugging Face cache and {why}; offline, use an "
+        f"offline model ({', '.join(OFFLINE_MODEL_NAMES)}), a local model directory or a .gguf file"
+    )
+
+
 def get_offline_model(name: str) -> OfflineModel:
     """The catalog entry ``name``; UserError naming the catalog otherwise."""
     model = OFFLINE_MODELS.get(name.lower())

@@ -25,6 +25,7 @@ from rich.text import Text
 
 from slmtui import paths
 from slmtui import profile as profiles
+from slmtui.catalog import hub_model_unavailable
 from slmtui.errors import UserError
 from slmtui.per import compute_per
 from slmtui.plan import plan_runs
@@ -34,6 +35,7 @@ from slmtui.scheduler import Gpu, RunState, Scheduler, check_fits, detect_gpus
 from slmtui.scheduler.scheduler import CommandFactory
 from slmtui.spec import RunSpec
 from slmtui.store import ResultRow, Store
+from slmtui.tasks.data import check_local_data
 
 _REFRESH_S = 0.25
 _TAIL_LINES = 6
@@ -110,9 +112,22 @@ def _load_specs(args: argparse.Namespace) -> tuple[list[RunSpec], str]:
     path = getattr(args, "profile", None)
     profile = profiles.load_profile(path) if path else profiles.embedded_default()
     specs = profile.runs(limit=limit, data_dir=data_dir)
+    _check_models_and_data(specs, f"profile {path}" if path else "embedded profile")
     if timeout_s is not None:
         specs = [replace(spec, timeout_s=float(timeout_s)) for spec in specs]
     return specs, f"profile {profile.name}"
+
+
+def _check_models_and_data(specs: Sequence[RunSpec], where: str) -> None:
+    """What a worker would only find later, as user errors before anything is written: a hub
+    model missing offline, a line of a local data file that breaks the task's schema."""
+    for source in dict.fromkeys(s.model.source for s in specs if s.model.kind == "hub"):
+        if (why := hub_model_unavailable(source)) is not None:
+            raise UserError(f"{where}: {why}")
+    for task, options, data_dir in dict.fromkeys(
+        (s.task, replace(s.options, limit=None), s.data_dir) for s in specs
+    ):
+        check_local_data(task, options, data_dir)
 
 
 def _plan_line(

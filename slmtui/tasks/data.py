@@ -90,6 +90,19 @@ def load_task_data(task_name: str, options: TaskOptions, data_dir: str | None) -
     )
 
 
+def check_local_data(task_name: str, options: TaskOptions, data_dir: str | None) -> None:
+    """Validate every line of the local files a run would read: ``data_file``, else
+    ``<data_dir>/<task>/*.jsonl``. The app calls this before any worker starts, so a bad line is a
+    user error (file, line, field) that writes nothing; the hub and the sample set are left alone.
+    """
+    task = get_task(task_name)
+    local = bool(options.data_file) or (
+        bool(data_dir) and any((Path(str(data_dir)).expanduser() / task.name).glob("*.jsonl"))
+    )
+    if local:
+        load_task_data(task_name, options, data_dir)
+
+
 # -- documents ----------------------------------------------------------------------------------
 
 Doc = tuple[str, int, Any]

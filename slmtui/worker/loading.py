@@ -153,23 +153,11 @@ def _hub_path(ref: ModelRef) -> tuple[str, bool]:
     with contextlib.suppress(Exception):
         if cached_file(ref.source, "config.json", local_files_only=True) is not None:
             return ref.source, True
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    why = None
-    if offline:
-        why = "HF_HUB_OFFLINE is set"
-    else:
-        from slmtui.tasks.data import hub_reachable
+    from slmtui.catalog import hub_missing_message, hub_offline_reason
 
-        if not hub_reachable():
-            why = "the hub is unreachable"
+    why = hub_offline_reason()
     if why is not None:
-        from slmtui.catalog import OFFLINE_MODEL_NAMES
-
-        raise LoadError(
-            f"model '{ref.source}' is not in the local Hugging Face cache and {why}; offline, "
-            f"use an offline model ({', '.join(OFFLINE_MODEL_NAMES)}), a local model directory "
-            "or a .gguf file"
-        )
+        raise LoadError(hub_missing_message(ref.source, why))
     return ref.source, False
 
 
