@@ -204,8 +204,15 @@ class Orchestrator:
         return json.loads(result.read_text())
 
     def scheduler(self) -> None:
-        seconds = 1.0 if self.args.dry_run else self.args.sched_seconds
-        self.report["scheduler"] = run_two_single_gpu_runs(self, seconds)
+        """Two 1-GPU runs at once: slmtui's own worker (on GPUs), then this script's worker."""
+        if not self.args.dry_run:  # slmtui's worker needs CUDA for a 1-GPU run
+            try:
+                self.report["scheduler_real_worker"] = run_two_single_gpu_runs(self, "real")
+            except Exception as exc:
+                self.report["errors"].append(f"scheduler (real worker): {exc!r}")
+            self.write()
+        seconds = 6.0 if self.args.dry_run else self.args.sched_seconds  # room for a loaded CPU
+        self.report["scheduler"] = run_two_single_gpu_runs(self, "bench", seconds)
 
     # -- children ---------------------------------------------------------------------------
 
@@ -326,15 +333,37 @@ def intervals_overlap(windows: Sequence[tuple[float, float]]) -> float:
 # -- the scheduler step -------------------------------------------------------------------------
 
 
-def run_two_single_gpu_runs(orch: Orchestrator, seconds: float) -> dict[str, Any]:
-    """Two 1-GPU runs at once: through the Scheduler when it imports, else by hand."""
-    from slmtui.spec import ModelRef, RunSpec
+def run_two_single_gpu_runs(orch: Orchestrator, worker: str, seconds: float = 0.0) -> dict:
+    """Two 1-GPU runs at once: through the Scheduler when it imports, else by hand.
+
+    ``worker`` "real": the scheduler's own command (``python -m slmtui.worker``) on gsm8k's
+    sample items; the measured window is known from the result (``measured_s``, ending at or
+    before the result event). "bench": this script's worker, which reports its window's clock
+    times and its GPU's UUID.
+    """
+    from slmtui.spec import ModelRef, RunSpec, TaskOptions
 
     model = ModelRef("qwen2.5-1.5b-random", str(orch.model_dir), "local")
-    specs = [
-        RunSpec(model=model, task=task, gpus=1, dtype="bfloat16", timeout_s=300.0)
-        for task in ("imdb", "arc_easy")
-    ]
+    if worker == "real":
+        options = TaskOptions(limit=32, num_fewshot=0, max_new_tokens=64)
+        specs = [
+            RunSpec(
+                model=model,
+                task="gsm8k",
+                options=options,
+                gpus=1,
+                dtype="bfloat16",
+                batch_size=bs,
+                engine="plain",
+                timeout_s=300.0,
+            )
+            for bs in (16, 8)  # two different run keys
+        ]
+    else:
+        specs = [
+            RunSpec(model=model, task=task, gpus=1, dtype="bfloat16", timeout_s=300.0)
+            for task in ("imdb", "arc_easy")
+        ]
     extra = ["--min-seconds", str(seconds), *orch.common()]
     try:
         from slmtui.scheduler import Scheduler, worker_command
@@ -345,8 +374,11 @@ def run_two_single_gpu_runs(orch: Orchestrator, seconds: float) -> dict[str, Any
 
     def command(spec: RunSpec, run_id: str, gpu_ids: Sequence[int]) -> tuple[list[str], dict]:
         # The scheduler's own command, its environment kept (CUDA_VISIBLE_DEVICES, no
-        # multicast); the worker module swapped for this script's protocol-speaking worker.
-        argv, env = worker_command(spec, run_id, gpu_ids, base_env=orch.env)
+        # multicast); for "bench" the worker module is swapped for this script's worker.
+        base = {**orch.env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        argv, env = worker_command(spec, run_id, gpu_ids, base_env=base)
+        if worker == "real":
+            return argv, env
         at = argv.index("slmtui.worker")
         argv = [
             *argv[: at - 1],
@@ -367,11 +399,19 @@ def run_two_single_gpu_runs(orch: Orchestrator, seconds: float) -> dict[str, Any
         else None
     )
     events: list[dict[str, Any]] = []
-    store = Store(orch.work / "bench.sqlite")
+    result_t: dict[str, float] = {}
+
+    def listen(event: Any) -> None:
+        if event.type != "progress":
+            events.append({"type": event.type, "run_id": event.run_id, "t": event.t})
+        if event.type == "result":
+            result_t[event.run_id] = event.t
+
+    store = Store(orch.work / f"bench-{worker}.sqlite")
     scheduler = Scheduler(
         store,
         inventory=inventory,
-        listener=lambda e: events.append({"type": e.type, "run_id": e.run_id, "t": e.t}),
+        listener=listen,
         command_factory=command,
         logs_dir=orch.logs,
         handle_signals=False,
@@ -389,18 +429,29 @@ def run_two_single_gpu_runs(orch: Orchestrator, seconds: float) -> dict[str, Any
     for run_id in run_ids:
         state = states[run_id]
         metrics = state.metrics or {}
-        runs.append(
-            {
-                "run_id": run_id,
-                "status": state.status,
-                "error": state.error.message if state.error else None,
-                "scheduler_gpu_ids": list(state.gpu_ids),
-                "launched_at": state.launched_at,
-                "ended_at": state.ended_at,
-                **{k: metrics.get(k) for k in SCHED_KEYS},
-            }
-        )
-    return proof(runs, "slmtui.scheduler.Scheduler", events)
+        row = {
+            "run_id": run_id,
+            "status": state.status,
+            "error": state.error.message if state.error else None,
+            "scheduler_gpu_ids": list(state.gpu_ids),
+            "launched_at": state.launched_at,
+            "ended_at": state.ended_at,
+            **{k: metrics.get(k) for k in SCHED_KEYS},
+        }
+        if worker == "real" and run_id in result_t and metrics.get("measured_s") is not None:
+            row["window_ended_at"] = result_t[run_id]  # at or after the window's true end
+            row["window_started_at"] = result_t[run_id] - metrics["measured_s"]
+            row["cuda_visible_devices"] = ",".join(map(str, state.gpu_ids))
+            row["gpu_name"] = (metrics.get("hardware") or {}).get("gpu_name")
+            row["accuracy"] = metrics.get("accuracy")
+            row["peak_mem_mb"] = metrics.get("peak_mem_mb")
+        runs.append(row)
+    how = "slmtui.scheduler.Scheduler + " + (
+        "python -m slmtui.worker (gsm8k sample, plain engine)"
+        if worker == "real"
+        else "this script's worker"
+    )
+    return proof(runs, how, events)
 
 
 SCHED_KEYS = (
@@ -471,7 +522,8 @@ def proof(runs: list[dict[str, Any]], how: str, events: list[dict[str, Any]]) ->
         "runs": runs,
         "events": events,
         "both_finished": len(finished) == 2,
-        "different_gpus": len(set(gpu_sets)) == 2 and len(set(uuids)) == len(uuids),
+        "different_gpus": len(set(gpu_sets)) == 2
+        and (None in uuids or len(set(uuids)) == len(uuids)),
         "measured_windows_overlap_s": overlap,
         "concurrent": len(finished) == 2 and overlap > 0 and len(set(gpu_sets)) == 2,
     }
@@ -625,10 +677,28 @@ def role_build(args: argparse.Namespace) -> int:
     with torch.device(device):
         model = Qwen2ForCausalLM(config)
     save_dtype = torch.float32 if args.dry_run else torch.bfloat16
+    model.generation_config.eos_token_id = None
+    model.generation_config.bos_token_id = None
     model.to(save_dtype).save_pretrained(args.model_dir)
+    save_tokenizer(args.model_dir, config.vocab_size)
     n = sum(p.numel() for p in model.parameters())
     print(f"built {n / 1e9:.3f} B parameters in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
+
+
+def save_tokenizer(directory: str, vocab_size: int) -> None:
+    """A byte-level tokenizer over the whole vocabulary (slmtui's worker needs one).
+
+    Qwen2's byte alphabet with no merges (one token per byte of a prompt); the other ids
+    decode to words "w<id>", so a random model's output never holds a task's stop string.
+    """
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
+    vocab |= {f"w{i}": i for i in range(len(vocab), vocab_size - 1)}
+    vocab["<|endoftext|>"] = vocab_size - 1
+    Qwen2Tokenizer(vocab=vocab, merges=[]).save_pretrained(directory)
 
 
 def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -919,7 +989,16 @@ def render(r: dict[str, Any]) -> str:
                 f"{c['tf_logprob_max_abs_diff']:.4f} / {c['tf_logprob_mean_abs_diff']:.5f} | "
                 f"{c['ref_median_top2_gap']:.4f} | {_f(c['flipped_max_ref_top2_gap'], 4)} |"
             )
-    sched = r.get("scheduler")
+    for key in ("scheduler_real_worker", "scheduler"):
+        lines += _render_sched(r.get(key))
+    lines += ["", f"steps (s): {r.get('steps')}; wall {r.get('wall_s', 0):.0f} s"]
+    if r.get("errors"):
+        lines += ["", "ERRORS:", *[f"- {e}" for e in r["errors"]]]
+    return "\n".join(lines) + "\n"
+
+
+def _render_sched(sched: dict[str, Any] | None) -> list[str]:
+    lines: list[str] = []
     if sched:
         lines += [
             "",
@@ -939,10 +1018,7 @@ def render(r: dict[str, Any]) -> str:
                 f"{_f(run['tokens_per_s'])} tokens/s"
                 + (f", error: {run['error']}" if run.get("error") else "")
             )
-    lines += ["", f"steps (s): {r.get('steps')}; wall {r.get('wall_s', 0):.0f} s"]
-    if r.get("errors"):
-        lines += ["", "ERRORS:", *[f"- {e}" for e in r["errors"]]]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _at(t: float | None, t0: float) -> str:

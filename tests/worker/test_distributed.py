@@ -449,7 +449,7 @@ def test_bench_dry_run_on_the_cpu(tmp_path: Path) -> None:
     assert c["identical_sequence_share"] == 1.0  # fp32 on the CPU: token identity
     assert c["tf_logprob_max_abs_diff"] < 1e-4
     sched = report["scheduler"]
-    assert sched["how"] == "slmtui.scheduler.Scheduler"
+    assert sched["how"].startswith("slmtui.scheduler.Scheduler")
     assert sched["both_finished"] and sched["different_gpus"] and sched["concurrent"]
     assert sorted(r["scheduler_gpu_ids"] for r in sched["runs"]) == [[0], [1]]
     text = (out / "multigpu.txt").read_text()
