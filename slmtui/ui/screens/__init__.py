@@ -1,0 +1,1 @@
+"""The console's pushed screens: inspect a run, help, prompts."""

@@ -1,0 +1,224 @@
+"""What the Pick tab edits: models, tasks and their settings, turned back into a Profile.
+
+Textual-free, so the same rules are tested without an app. A ``Selection`` starts from a
+profile; every edit keeps it valid (GPU counts the box has, the task's own modes), and
+``to_profile`` gives the profile that is launched or saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from slmtui.errors import UserError
+from slmtui.profile import GPU_COUNTS, ModelEntry, Profile, Settings, TaskEntry
+from slmtui.spec import DTYPES, RunSpec
+from slmtui.tasks import TASK_NAMES, get_task
+
+BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+"""Batch sizes the Pick tab cycles through (a profile may hold any integer >= 1)."""
+
+
+@dataclass
+class ModelChoice:
+    """One model row of the Pick tab."""
+
+    entry: ModelEntry
+    """As the profile (or the user) gave it; name and source are kept as written."""
+    gpus: tuple[int, ...]
+    """GPU counts to run at (0 = CPU), only counts the box has."""
+    dtype: str
+    batch_size: int
+    selected: bool = True
+
+
+@dataclass
+class TaskChoice:
+    """One task row of the Pick tab; ``None`` options take the task's default."""
+
+    name: str
+    selected: bool = True
+    limit: int | None = None
+    num_fewshot: int | None = None
+    mode: str | None = None
+    entry: TaskEntry | None = None
+    """The profile's table for this task, when it had one (max_new_tokens, data_file, seed)."""
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return tuple(get_task(self.name).modes)
+
+    @property
+    def shown_mode(self) -> str:
+        return self.mode or get_task(self.name).default_mode
+
+    @property
+    def shown_fewshot(self) -> int:
+        return (
+            self.num_fewshot
+            if self.num_fewshot is not None
+            else get_task(self.name).default_num_fewshot
+        )
+
+
+@dataclass
+class Selection:
+    """The console's editable copy of a profile (see the module docstring)."""
+
+    profile: Profile
+    models: list[ModelChoice]
+    tasks: list[TaskChoice]
+    gpus_available: int = 0
+    notes: list[str] = field(default_factory=list)
+    """What loading had to change (GPU counts the box lacks), for the user."""
+
+    @classmethod
+    def from_profile(cls, profile: Profile, gpus_available: int = 0) -> Selection:
+        """Every profile model selected; the five tasks listed, the profile's selected."""
+        allowed = allowed_gpu_counts(gpus_available)
+        s = profile.settings
+        notes: list[str] = []
+        models: list[ModelChoice] = []
+        for entry in profile.models:
+            wanted = entry.gpus if entry.gpus is not None else s.gpus
+            kept = tuple(c for c in wanted if c in allowed)
+            if kept != tuple(wanted):
+                dropped = ", ".join(str(c) for c in wanted if c not in allowed)
+                notes.append(f"{entry.name}: GPU count {dropped} left out ({_box(gpus_available)})")
+            models.append(
+                ModelChoice(
+                    entry=entry,
+                    gpus=kept or (max(allowed),),
+                    dtype=entry.dtype or s.dtype,
+                    batch_size=entry.batch_size or s.batch_size,
+                )
+            )
+        by_name = {t.name: t for t in profile.tasks}
+        tasks = [
+            TaskChoice(
+                name=name,
+                selected=name in by_name,
+                limit=by_name[name].limit if name in by_name else None,
+                num_fewshot=by_name[name].num_fewshot if name in by_name else None,
+                mode=by_name[name].mode if name in by_name else None,
+                entry=by_name.get(name),
+            )
+            for name in TASK_NAMES
+        ]
+        return cls(profile, models, tasks, gpus_available, notes)
+
+    # -- edits --------------------------------------------------------------------------------
+
+    @property
+    def gpu_counts(self) -> tuple[int, ...]:
+        return allowed_gpu_counts(self.gpus_available)
+
+    def add_model(self, source: str, name: str | None = None) -> ModelChoice:
+        """Add a model by catalog name, hub id, local directory or .gguf path (else UserError)."""
+        from slmtui.catalog import resolve_model
+
+        ref = resolve_model(source)
+        written = ref.source if ref.kind in ("local", "gguf") else source.strip()
+        label = name or ref.name
+        if any(m.entry.name == label for m in self.models):
+            raise UserError(f"model '{label}' is already in the list; remove it first or rename it")
+        s = self.profile.settings
+        choice = ModelChoice(
+            entry=ModelEntry(name=label, source=written),
+            gpus=(max(self.gpu_counts),) if self.gpus_available == 0 else (1,),
+            dtype=s.dtype,
+            batch_size=s.batch_size,
+        )
+        self.models.append(choice)
+        return choice
+
+    def remove_model(self, index: int) -> ModelChoice:
+        return self.models.pop(index)
+
+    def cycle_gpus(self, index: int) -> tuple[int, ...]:
+        """Next single GPU count the box has (0 = CPU) for model ``index``."""
+        model = self.models[index]
+        counts = self.gpu_counts
+        current = model.gpus[-1] if model.gpus else counts[0]
+        position = counts.index(current) if current in counts else -1
+        model.gpus = (counts[(position + 1) % len(counts)],)
+        return model.gpus
+
+    def cycle_dtype(self, index: int) -> str:
+        model = self.models[index]
+        model.dtype = DTYPES[(DTYPES.index(model.dtype) + 1) % len(DTYPES)]
+        return model.dtype
+
+    def cycle_batch_size(self, index: int) -> int:
+        model = self.models[index]
+        bigger = [b for b in BATCH_SIZES if b > model.batch_size]
+        model.batch_size = bigger[0] if bigger else BATCH_SIZES[0]
+        return model.batch_size
+
+    def cycle_mode(self, index: int) -> str:
+        task = self.tasks[index]
+        modes = task.modes
+        task.mode = modes[(modes.index(task.shown_mode) + 1) % len(modes)]
+        return task.mode
+
+    def set_limit(self, index: int, text: str) -> int | None:
+        """Samples per task from what the user typed ('' = the profile's default)."""
+        self.tasks[index].limit = _count(text, "sample limit", minimum=1)
+        return self.tasks[index].limit
+
+    def set_fewshot(self, index: int, text: str) -> int | None:
+        self.tasks[index].num_fewshot = _count(text, "few-shot", minimum=0)
+        return self.tasks[index].num_fewshot
+
+    # -- results ------------------------------------------------------------------------------
+
+    def to_profile(self, name: str | None = None) -> Profile:
+        """The selected models and tasks as a Profile (UserError when either is empty)."""
+        models = [m for m in self.models if m.selected]
+        tasks = [t for t in self.tasks if t.selected]
+        if not models:
+            raise UserError("no model selected; select one with space in the Models list")
+        if not tasks:
+            raise UserError("no task selected; select one with space in the Tasks list")
+        settings = self.profile.settings
+        return replace(
+            self.profile,
+            name=name or self.profile.name,
+            models=tuple(
+                replace(m.entry, gpus=m.gpus, dtype=m.dtype, batch_size=m.batch_size)
+                for m in models
+            ),
+            tasks=tuple(
+                replace(
+                    t.entry or TaskEntry(name=t.name),
+                    limit=t.limit,
+                    num_fewshot=t.num_fewshot,
+                    mode=t.mode,
+                )
+                for t in tasks
+            ),
+            settings=settings if isinstance(settings, Settings) else Settings(),
+        )
+
+    def specs(self, limit: int | None = None) -> list[RunSpec]:
+        """The runs of the selection (``limit``: the command line's cap on samples)."""
+        return self.to_profile().runs(limit=limit, gpus_available=self.gpus_available)
+
+
+def allowed_gpu_counts(gpus_available: int) -> tuple[int, ...]:
+    """GPU counts a run may ask on this box: 0 (CPU) and the profile counts up to what it has."""
+    return tuple(c for c in GPU_COUNTS if c <= gpus_available)
+
+
+def _box(gpus_available: int) -> str:
+    return "no GPU found" if gpus_available == 0 else f"this box has {gpus_available} GPU(s)"
+
+
+def _count(text: str, what: str, *, minimum: int) -> int | None:
+    text = text.strip().lower()
+    if text in ("", "default"):
+        return None
+    if not text.isdigit() or int(text) < minimum:
+        raise UserError(
+            f"{what} '{text}': must be an integer >= {minimum}, or empty for the profile's default"
+        )
+    return int(text)

@@ -1,0 +1,386 @@
+"""The Rank tab: PER per task and an overview across tasks, sortable, filterable.
+
+PER comes from the same ``build_per_inputs`` + ``compute_per`` that ``slmtui report`` prints, over
+the rows in view: a filter changes the set, so it changes PER (the note line says so).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical
+from textual.message import Message
+from textual.widgets import DataTable, Input, Static, Tab, Tabs
+
+from slmtui.errors import UserError
+from slmtui.per import PerRow, compute_per, summarise_models
+from slmtui.reports.commands import build_per_inputs
+from slmtui.reports.export import group_by_task, latency_unit
+from slmtui.store import ResultRow
+from slmtui.ui.cells import num
+from slmtui.ui.tables import fill_table
+
+OVERVIEW = "overview"
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    label: str
+    higher_is_better: bool | None = None
+    """Which end is best, for marking the best cell; ``None``: not marked."""
+
+
+def task_columns(unit: str | None) -> list[Column]:
+    thr = f"THR/GPU {unit}" if unit else "THR/GPU"
+    return [
+        Column("rank", "#"),
+        Column("model", "Model"),
+        Column("accuracy", "Accuracy", True),
+        Column("throughput", thr, True),
+        Column("latency_ms", f"LAT {latency_unit(unit)}", False),
+        Column("memory_mb", "MEM MB", False),
+        Column("per", "PER", True),
+        Column("acc_n", "ACCn"),
+        Column("thr_n", "THRn"),
+        Column("lat_n", "LATn"),
+        Column("mem_n", "MEMn"),
+        Column("pareto", "Pareto"),
+    ]
+
+
+@dataclass
+class Line:
+    """One table row: raw values to sort by, and the row's key (a run id for a task row)."""
+
+    key: str
+    values: dict[str, Any]
+
+
+class RankView(Vertical):
+    """Set ``results`` with ``show_results``; the rest is driven by the keys below."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("s", "sort", "Sort", id="rank.sort", tooltip="Sort by the cursor's column"),
+        Binding("v", "next_view", "Next table", id="rank.view", tooltip="Overview, then each task"),
+        Binding("slash", "filter", "Filter", id="rank.filter", tooltip="Filter models and tasks"),
+        Binding("i", "inspect", "Inspect", id="rank.inspect", tooltip="The run behind the row"),
+        Binding("escape", "clear_filter", "Clear filter", id="rank.clear", show=False),
+    ]
+
+    DEFAULT_CSS = """
+    RankView { height: 1fr; }
+    RankView Tabs { height: 2; }
+    RankView #filter { display: none; height: 3; }
+    RankView.-filtering #filter { display: block; }
+    RankView #note { height: auto; padding: 0 1; color: $text-muted; }
+    RankView #rank-table { height: 1fr; }
+    """
+
+    class InspectRequested(Message):
+        """The user asked to inspect the run behind a row."""
+
+        def __init__(self, run_id: str) -> None:
+            super().__init__()
+            self.run_id = run_id
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.results: list[ResultRow] = []
+        self.per_rows: list[PerRow] = []
+        self.notes: list[str] = []
+        self.view = OVERVIEW
+        self.filter_text = ""
+        self.sort_by: dict[str, tuple[str, bool]] = {}
+        """Per view: (column key, descending)."""
+        self.touched = False
+        """Whether the user moved the cursor (then updates keep it on their row)."""
+        self.lines: list[Line] = []
+        self.columns: list[Column] = []
+
+    def compose(self) -> ComposeResult:
+        yield Tabs(Tab("Overview", id=OVERVIEW), id="views")
+        yield Input(placeholder="filter: words matching model or task names", id="filter")
+        yield Static(id="note")
+        yield DataTable(id="rank-table", cursor_type="cell", zebra_stripes=True, fixed_columns=2)
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def show_results(self, results: Sequence[ResultRow]) -> None:
+        """New stored results (a run finished): recompute PER and redraw, cursor kept."""
+        self.results = list(results)
+        self._recompute()
+
+    def _in_view(self) -> list[ResultRow]:
+        words = self.filter_text.lower().split()
+        if not words:
+            return self.results
+        return [
+            r
+            for r in self.results
+            if all(w in r.model.lower() or w in r.task.lower() for w in words)
+        ]
+
+    def _recompute(self) -> None:
+        built = build_per_inputs(self._in_view())
+        self.notes = built.notes
+        try:
+            self.per_rows = compute_per(built.inputs)
+        except UserError as exc:
+            self.per_rows = []
+            self.notes = [*self.notes, str(exc)]
+        self._sync_tabs()
+        self._fill()
+
+    def _sync_tabs(self) -> None:
+        tabs = self.query_one("#views", Tabs)
+        wanted = list(group_by_task(self.per_rows))
+        have = [t.id for t in tabs.query(Tab) if t.id != OVERVIEW]
+        ids = {_tab_id(t): t for t in wanted}
+        for tab_id in have:
+            if tab_id not in ids:
+                tabs.remove_tab(tab_id)
+        for tab_id, task in ids.items():
+            if tab_id not in have:
+                tabs.add_tab(Tab(task, id=tab_id))
+        if self.view != OVERVIEW and self.view not in wanted:
+            self.view = OVERVIEW
+
+    @on(Tabs.TabActivated)
+    def _tab_activated(self, event: Tabs.TabActivated) -> None:
+        event.stop()
+        tab_id = event.tab.id or OVERVIEW
+        view = OVERVIEW if tab_id == OVERVIEW else _task_of(tab_id, self.per_rows)
+        if view != self.view:
+            self.view = view
+            self.touched = False
+            self._fill()
+
+    def _fill(self) -> None:
+        table = self.query_one("#rank-table", DataTable)
+        keep = self._cursor_key() if self.touched else None
+        column = table.cursor_column
+        if self.view == OVERVIEW:
+            self.columns, self.lines = self._overview_lines()
+        else:
+            self.columns, self.lines = self._task_lines(self.view)
+        key, descending = self.sort_by.get(self.view, ("", False))
+        if key:
+            self.lines.sort(key=lambda line: _sort_key(line.values.get(key)), reverse=descending)
+        best = self._best_values()
+        labels = [
+            (c.key, c.label + ((" ▼" if descending else " ▲") if c.key == key else ""))
+            for c in self.columns
+        ]
+        rows = [
+            (line.key, [self._cell(c, line, best) for c in self.columns]) for line in self.lines
+        ]
+        fill_table(table, labels, rows, max_widths={"model": 32})
+        self._show_note()
+        if not table.row_count:
+            return
+        row = 0
+        if keep is not None:
+            row = next((n for n, line in enumerate(self.lines) if line.key == keep), 0)
+        table.move_cursor(row=row, column=min(column, len(self.columns) - 1), animate=False)
+
+    def _overview_lines(self) -> tuple[list[Column], list[Line]]:
+        tasks = list(group_by_task(self.per_rows))
+        columns = [
+            Column("rank", "#"),
+            Column("model", "Model"),
+            Column("mean_per", "Mean PER", True),
+            Column("tasks", "Tasks"),
+            Column("pareto", "Pareto tasks"),
+            *(Column(f"per:{t}", f"PER {t}", True) for t in tasks),
+        ]
+        lines = []
+        for n, s in enumerate(summarise_models(self.per_rows), start=1):
+            values: dict[str, Any] = {
+                "rank": n,
+                "model": s.model,
+                "mean_per": s.mean_per,
+                "tasks": s.tasks,
+                "pareto": s.pareto_tasks,
+            }
+            for t in tasks:
+                values[f"per:{t}"] = s.per_by_task.get(t)
+            lines.append(Line(f"model:{s.model}", values))
+        return columns, lines
+
+    def _task_lines(self, task: str) -> tuple[list[Column], list[Line]]:
+        rows = group_by_task(self.per_rows).get(task, [])
+        units = {r.input.throughput_unit for r in rows}
+        unit = units.pop() if len(units) == 1 else None
+        lines = [
+            Line(
+                r.input.key or f"{r.model}:{n}",
+                {
+                    "rank": r.rank,
+                    "model": r.model,
+                    "accuracy": r.input.accuracy,
+                    "throughput": r.input.throughput,
+                    "latency_ms": r.input.latency_ms,
+                    "memory_mb": r.input.memory_mb,
+                    "per": r.per,
+                    "acc_n": r.acc_n,
+                    "thr_n": r.thr_n,
+                    "lat_n": r.lat_n,
+                    "mem_n": r.mem_n,
+                    "pareto": r.pareto,
+                },
+            )
+            for n, r in enumerate(rows)
+        ]
+        return task_columns(unit), lines
+
+    def _best_values(self) -> dict[str, Any]:
+        best: dict[str, Any] = {}
+        for col in self.columns:
+            values = [line.values.get(col.key) for line in self.lines]
+            numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+            if col.higher_is_better is None or len(numbers) < 2:
+                continue
+            best[col.key] = max(numbers) if col.higher_is_better else min(numbers)
+        return best
+
+    def _cell(self, col: Column, line: Line, best: dict[str, Any]) -> Text:
+        value = line.values.get(col.key)
+        if col.key == "rank":
+            return Text(
+                f"★{value}" if value == 1 else f" {value}", style="bold" if value == 1 else ""
+            )
+        if col.key == "model":
+            return Text(str(value), style="bold" if line.values.get("rank") == 1 else "")
+        if col.key == "pareto":
+            if isinstance(value, bool):
+                return Text("◆ front" if value else "", style="green")
+            return Text(str(value), justify="right")
+        if col.key == "tasks":
+            return Text(str(value), justify="right")
+        digits = {"throughput": 1, "latency_ms": 2, "memory_mb": 0}.get(col.key, 3)
+        text = Text(num(value, digits), justify="right")
+        if col.key in best and value == best[col.key]:
+            text.stylize("bold green underline")
+        return text
+
+    def _show_note(self) -> None:
+        models = len({r.model for r in self.per_rows})
+        note = Text()
+        if not self.results:
+            note.append("No finished run stored yet: launch runs from Pick (1, then R).")
+        else:
+            note.append(
+                f"PER is relative to the {models} model{'s' * (models != 1)} in view: "
+                "a filter or a new run changes it.\n",
+            )
+            note.append("★ best PER · ◆ Pareto front · ")
+            note.append("green", style="bold green")
+            note.append(": best in column · ")
+            note.append("s sort · v table · / filter · i inspect", style="dim")
+            if self.filter_text:
+                note.append(f"\nfilter: {self.filter_text!r} (escape clears)", style="bold")
+        self.query_one("#note", Static).update(note)
+
+    # -- actions ------------------------------------------------------------------------------
+
+    def _cursor_key(self) -> str | None:
+        table = self.query_one("#rank-table", DataTable)
+        if not table.row_count:
+            return None
+        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+
+    def sort(self, column_key: str) -> None:
+        """Sort by ``column_key``; again on the same column flips the order."""
+        current, descending = self.sort_by.get(self.view, ("", False))
+        col = next((c for c in self.columns if c.key == column_key), None)
+        if col is None:
+            return
+        # a new column starts best first; the same column again flips
+        descending = not descending if current == column_key else bool(col.higher_is_better)
+        self.sort_by[self.view] = (column_key, descending)
+        self._fill()
+
+    def action_sort(self) -> None:
+        table = self.query_one("#rank-table", DataTable)
+        if self.columns:
+            self.sort(self.columns[min(table.cursor_column, len(self.columns) - 1)].key)
+
+    @on(DataTable.HeaderSelected)
+    def _header_clicked(self, event: DataTable.HeaderSelected) -> None:
+        event.stop()
+        self.sort(str(event.column_key.value))
+
+    def action_next_view(self) -> None:
+        tabs = self.query_one("#views", Tabs)
+        tabs.action_next_tab()
+
+    def action_filter(self) -> None:
+        self.add_class("-filtering")
+        field = self.query_one("#filter", Input)
+        field.value = self.filter_text
+        field.focus()
+
+    def action_clear_filter(self) -> None:
+        self.remove_class("-filtering")
+        if self.filter_text:
+            self.set_filter("")
+        self.query_one("#rank-table", DataTable).focus()
+
+    def set_filter(self, text: str) -> None:
+        self.filter_text = text.strip()
+        self.touched = False
+        self._recompute()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.remove_class("-filtering")
+        self.set_filter(event.value)
+        self.query_one("#rank-table", DataTable).focus()
+
+    @on(DataTable.CellHighlighted)
+    def _moved(self, event: DataTable.CellHighlighted) -> None:
+        if event.coordinate.row != 0:
+            self.touched = True
+
+    @on(DataTable.CellSelected)
+    def _selected(self, event: DataTable.CellSelected) -> None:
+        event.stop()
+        self.action_inspect()
+
+    def action_inspect(self) -> None:
+        key = self._cursor_key()
+        if key is None:
+            return
+        if key.startswith("model:"):
+            self.notify("Open a task's table (v) to inspect a run.", title="Inspect")
+            return
+        self.post_message(self.InspectRequested(key))
+
+    def rows_in_view(self) -> list[PerRow]:
+        """The PER rows the tables show (all tasks), for export."""
+        return list(self.per_rows)
+
+
+def _tab_id(task: str) -> str:
+    return "task-" + "".join(ch if ch.isalnum() else "-" for ch in task)
+
+
+def _task_of(tab_id: str, rows: Sequence[PerRow]) -> str:
+    return next((t for t in group_by_task(rows) if _tab_id(t) == tab_id), OVERVIEW)
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    """Missing values sort as the smallest; text without case."""
+    if value is None:
+        return (0, 0)
+    if isinstance(value, str):
+        return (1, value.lower())
+    return (1, value)
