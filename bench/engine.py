@@ -493,8 +493,27 @@ def row_fidelity(model: Any, n: int, new: int) -> dict[str, Any]:
         )[:, 128:].tolist()
     forced = [plain[i] for i in range(n)]
     tf = fast_engine.teacher_forced_logprobs(ids, forced)
+    del fast_engine
     ref = torch.stack([plain_forward_logprobs(model, ids[i], forced[i]) for i in range(n)])
     diff = (tf - ref).abs().flatten()
+    # the same engine with transformers' own SDPA (repeat_kv) for the one-token decode too:
+    # does the grouped-query decode attention cost identical sequences?
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    import slmtui.worker.engines.fast as fast_module
+
+    grouped = fast_module._fast_attention
+    fast_module._fast_attention = sdpa_attention_forward
+    try:
+        sdpa_engine = FastEngine(model, IdTokenizer(), batch_size=n)
+        fast_sdpa = {
+            c.index: [int(t) for t in c.response.text.split()] for c in sdpa_engine.generate(reqs)
+        }
+        diff_sdpa = (sdpa_engine.teacher_forced_logprobs(ids, forced) - ref).abs().flatten()
+        del sdpa_engine
+    finally:
+        fast_module._fast_attention = grouped
+        fast_module._register_attention()
     # the same plain forward, batched with the sequences of the others: bf16's own spread
     with torch.inference_mode():
         logits = model(
@@ -512,6 +531,9 @@ def row_fidelity(model: Any, n: int, new: int) -> dict[str, Any]:
         "plain_batched_vs_single_abs_diff_max": float(spread.max()),
         "plain_batched_vs_single_abs_diff_median": float(spread.median()),
         "identical_fast_vs_plain": sum(fast[i] == plain[i] for i in range(n)),
+        "identical_fast_sdpa_decode_vs_plain": sum(fast_sdpa[i] == plain[i] for i in range(n)),
+        "teacher_forced_sdpa_decode_abs_diff_max": float(diff_sdpa.max()),
+        "teacher_forced_sdpa_decode_abs_diff_median": float(diff_sdpa.median()),
         "identical_hf_static_vs_plain": sum(static[i] == plain[i] for i in range(n)),
     }
     log(
@@ -522,6 +544,8 @@ def row_fidelity(model: Any, n: int, new: int) -> dict[str, Any]:
         f"{row['plain_batched_vs_single_abs_diff_max']:.3g} median "
         f"{row['plain_batched_vs_single_abs_diff_median']:.3g})\n"
         f"  identical greedy sequences vs plain: fast {row['identical_fast_vs_plain']}/{n}, "
+        f"fast with SDPA decode {row['identical_fast_sdpa_decode_vs_plain']}/{n} (teacher-forced "
+        f"max {row['teacher_forced_sdpa_decode_abs_diff_max']:.3g}), "
         f"transformers static cache {row['identical_hf_static_vs_plain']}/{n}"
     )
     return row
@@ -600,7 +624,7 @@ def main() -> None:
             continue
         if name == "fidelity":
             out_rows.append(
-                row_fidelity(model("0.5b"), 4 if args.smoke else 16, 16 if args.smoke else 64)
+                row_fidelity(model("0.5b"), 4 if args.smoke else 32, 16 if args.smoke else 64)
             )
         elif name == "b1-0.5b":
             out_rows.append(

@@ -205,6 +205,9 @@ class FastEngine(PlainEngine):
         self._cache: SlotCache | None = None
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._graph_logits: dict[int, torch.Tensor] = {}
+        self._graph_pool: Any = None
+        """One memory pool for every bucket's graph (they never replay at once): without it each
+        graph keeps its own intermediates, ~+40% peak memory over plain at batch 64."""
         self._step_fn: Callable[[int], torch.Tensor] = self._step
         if compile_step:
             self._step_fn = torch.compile(self._step, dynamic=False)
@@ -248,6 +251,7 @@ class FastEngine(PlainEngine):
     def _drop_buffers(self) -> None:
         self._graphs.clear()
         self._graph_logits.clear()
+        self._graph_pool = None
         self._cache = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -373,7 +377,9 @@ class FastEngine(PlainEngine):
                     self._step_fn(rows)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
                 logits = self._step_fn(rows)
         torch.cuda.synchronize()
         for tensor, value in zip(state, saved, strict=True):
@@ -454,7 +460,7 @@ class FastEngine(PlainEngine):
             self._ensure_capacity(min(self.max_length, int(longest * 1.25) + budget))
             self._touch_buffers(max(1, longest))
             if self.use_graphs:
-                for rows in self._buckets():
+                for rows in reversed(self._buckets()):  # largest first: the rest reuse its pool
                     if rows not in self._graphs:
                         self._capture(rows)
             short = [
