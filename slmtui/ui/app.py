@@ -39,6 +39,11 @@ EARLIER_RUNS_SHOWN = 200
 """Runs of earlier sessions listed in the Runs tab (the newest)."""
 
 
+def runs_are(n: int) -> str:
+    """'1 run is', '3 runs are'."""
+    return "1 run is" if n == 1 else f"{n} runs are"
+
+
 class SchedulerLike(Protocol):
     """What the app asks of ``slmtui.scheduler.Scheduler`` (tests pass scripted doubles)."""
 
@@ -71,9 +76,16 @@ class SlmApp(App[int]):
     TITLE = "slmtui"
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("1", "show_tab('pick')", "Pick", id="app.pick", tooltip="Models, tasks, GPUs"),
-        Binding("2", "show_tab('runs')", "Runs", id="app.runs", tooltip="Live runs"),
-        Binding("3", "show_tab('rank')", "Rank", id="app.rank", tooltip="PER tables"),
+        Binding(
+            "1",
+            "show_tab('pick')",
+            "Pick",
+            id="app.pick",
+            tooltip="Models, tasks, GPUs",
+            show=False,
+        ),
+        Binding("2", "show_tab('runs')", "Runs", id="app.runs", tooltip="Live runs", show=False),
+        Binding("3", "show_tab('rank')", "Rank", id="app.rank", tooltip="PER tables", show=False),
         Binding("R", "launch", "Launch", id="app.launch", tooltip="Run the selection (queued)"),
         Binding(
             "C",
@@ -142,7 +154,7 @@ class SlmApp(App[int]):
             with TabPane("3 Rank", id="rank"):
                 yield RankView(id="rank-view")
         yield Static(self._status_text(), id="status")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = f"profile {self.profile.name}"
@@ -225,16 +237,18 @@ class SlmApp(App[int]):
 
     def action_show_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
+        self._focus_tab(tab)
 
     @on(TabbedContent.TabActivated, "#tabs")
     def _tab_shown(self, event: TabbedContent.TabActivated) -> None:
+        self._focus_tab(event.pane.id or "")
+
+    def _focus_tab(self, tab: str) -> None:
         """Focus the tab's main table, so its keys work at once (keyboard only, over SSH)."""
-        target = {"pick": "#models", "runs": "#run-list", "rank": "#rank-table"}.get(
-            event.pane.id or ""
-        )
+        target = {"pick": "#models", "runs": "#run-list", "rank": "#rank-table"}.get(tab)
         if target and not self.stopping:
             for widget in self.query(target):
-                widget.focus()
+                widget.focus(scroll_visible=False)
 
     def action_launch(self) -> None:
         """Queue the selection's runs; runs already stored are skipped unless asked."""
@@ -323,7 +337,7 @@ class SlmApp(App[int]):
         self.push_screen(
             ChoiceScreen(
                 "Cancel all runs?",
-                f"{len(active)} runs are queued or running. Finished results stay stored.",
+                f"{runs_are(len(active))} queued or running. Finished results stay stored.",
                 [("yes", "Cancel them"), ("no", "Keep running")],
             ),
             chosen,
@@ -463,7 +477,8 @@ class SlmApp(App[int]):
         self.push_screen(
             ChoiceScreen(
                 "Quit?",
-                f"{len(active)} runs are queued or running: quitting cancels them. "
+                f"{runs_are(len(active))} queued or running: quitting cancels "
+                f"{'it' if len(active) == 1 else 'them'}. "
                 "Finished results are stored.",
                 [("quit", "Cancel runs and quit"), ("stay", "Stay")],
             ),

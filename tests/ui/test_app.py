@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from slmtui.protocol import Event, RunFailed, RunFinished, RunProgress, RunStart
 from slmtui.scheduler import Gpu
 from slmtui.store import Store
 from slmtui.ui.app import SlmApp
+from slmtui.ui.screens.help import HelpScreen
 from slmtui.ui.screens.inspect import InspectScreen
 from slmtui.ui.screens.prompt import ChoiceScreen, PromptScreen
 from slmtui.ui.widgets.rank_view import RankView
@@ -338,3 +342,167 @@ def sample(run_id: str, index: int, score: float = 1.0) -> SampleScored:
         score=score,
         t=T0 + 200 + index,
     )
+
+
+# -- rank -------------------------------------------------------------------------------------
+
+
+async def test_sort_by_key_and_by_header_click(filled_store: Store, tmp_path: Path) -> None:
+    app = make_app(filled_store, tmp_path=tmp_path)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("3", "v", "v")  # overview -> arc_easy -> gsm8k
+        rank = app.query_one(RankView)
+        assert rank.view == "gsm8k"
+        table = app.query_one("#rank-table", DataTable)
+        assert column(table, "model")[0] == "beta-270m"  # by PER: the others score 0 somewhere
+        # memory: the cursor's column, lowest first is best for a cost
+        table.move_cursor(column=[c.key for c in rank.columns].index("memory_mb"))
+        await pilot.press("s")
+        assert column(table, "memory_mb") == ["400", "900", "2,500"]
+        await pilot.press("s")  # again: the other way
+        assert column(table, "memory_mb") == ["2,500", "900", "400"]
+        assert str(table.columns[table.ordered_columns[6].key].label) == "MEM MB ▼"
+        await pilot.click("#rank-table", offset=(30, 0))  # the Accuracy header
+        assert rank.sort_by["gsm8k"] == ("accuracy", True)
+        assert column(table, "accuracy") == ["0.750", "0.500", "0.250"]
+
+
+async def test_best_rows_marked_and_filter_recomputes_per(
+    filled_store: Store, tmp_path: Path
+) -> None:
+    app = make_app(filled_store, tmp_path=tmp_path)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("3")
+        rank = app.query_one(RankView)
+        table = app.query_one("#rank-table", DataTable)
+        assert column(table, "rank")[0] == "★1"
+        await pilot.press("v", "v")
+        best = table.get_cell_at(table.cursor_coordinate._replace(column=4))  # accuracy
+        assert "underline" not in str(best.style)  # alpha's accuracy is the worst
+        per_all = {r.model: r.per for r in rank.per_rows if r.task == "gsm8k"}
+        await pilot.press("slash")
+        assert app.focused is app.query_one("#filter", Input)
+        await pilot.press(*"alpha beta", "enter")
+        assert rank.filter_text == "alpha beta" and app.focused is table
+        per_two = {r.model: r.per for r in rank.per_rows if r.task == "gsm8k"}
+        assert set(per_two) == {"alpha-135m", "beta-270m"}
+        assert per_two != {m: per_all[m] for m in per_two}  # relative to the set in view
+        assert "PER is relative to the 2 models in view" in screen_text(app)
+        await pilot.press("escape")
+        assert rank.filter_text == ""
+
+
+# -- inspect ----------------------------------------------------------------------------------
+
+
+async def test_inspect_shows_metrics_timing_and_samples(store: Store, tmp_path: Path) -> None:
+    scheduler = ScriptedScheduler(store)
+    app = make_app(store, scheduler, tmp_path=tmp_path)
+    async with app.run_test(size=(160, 50)) as pilot:
+        app.submit([spec("alpha-135m")])
+        s = spec("alpha-135m").to_dict()
+        scheduler.play(
+            [
+                RunStarted("live-00", spec=s, pid=7, t=T0 + 150),
+                sample("live-00", 0, 1.0),
+                sample("live-00", 1, 0.0),
+                RunFinished("live-00", metrics=metrics(0.5, 80, 12.5, 600), t=T0 + 300),
+            ]
+        )
+        await settle(pilot)
+        await pilot.press("3", "v", "i")
+        assert isinstance(app.screen, InspectScreen)
+        text = screen_text(app)
+        for expected in (
+            "accuracy",
+            "0.500",
+            "load",
+            "2.00 s (20%)",
+            "measured",
+            "7.50 s (75%)",
+            "org/alpha-135m",
+            "test cpu",
+        ):
+            assert expected in text
+        await pilot.press("2")
+        text = screen_text(app)
+        assert "answer 1" in text and "gold 1" in text and "0.00" in text
+        await pilot.press("down")
+        assert "Question 1?" in screen_text(app)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, InspectScreen)
+
+
+# -- export, help, palette, quit --------------------------------------------------------------
+
+
+async def test_export_three_formats_and_a_screenshot(filled_store: Store, tmp_path: Path) -> None:
+    app = make_app(filled_store, tmp_path=tmp_path)
+    async with app.run_test(size=SMALL) as pilot:
+        await pilot.press("3")
+        for name in ("per.csv", "per.json", "per.md"):
+            await pilot.press("e")
+            app.screen.query_one(Input).value = str(tmp_path / name)
+            await pilot.press("enter")
+        await pilot.press("e")
+        app.screen.query_one(Input).value = str(tmp_path / "per.xlsx")
+        await pilot.press("enter")
+        assert "unknown extension; use .csv, .json or .md" in notices(app)[-1]
+        await pilot.press("p")
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "per.csv").read_text())))
+    assert {(r["model"], r["task"]) for r in rows} >= {("gamma-1b", "gsm8k")}
+    assert len(rows) == 5
+    assert len(json.loads((tmp_path / "per.json").read_text())) in (5, 2)
+    assert "gamma-1b" in (tmp_path / "per.md").read_text()
+    assert list(tmp_path.glob("*.svg"))
+
+
+async def test_help_lists_every_binding(store: Store, tmp_path: Path) -> None:
+    app = make_app(store, tmp_path=tmp_path)
+    async with app.run_test(size=(120, 60)) as pilot:
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        text = screen_text(app)
+        for key in ("space", "R", "C", "c", "i", "s", "v", "/", "e", "p", "w", "q", "ctrl+p"):
+            assert f"  {key} " in text or f"  {key} /" in text, key
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+
+async def test_command_palette_knows_the_actions(store: Store, tmp_path: Path) -> None:
+    app = make_app(store, tmp_path=tmp_path)
+    async with app.run_test(size=SMALL):
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+    assert {
+        "Launch selection",
+        "Cancel all runs",
+        "Export table",
+        "Save screenshot",
+        "Save profile",
+        "Filter rank tables",
+        "Help",
+    } <= titles
+
+
+async def test_quit_stops_the_workers_first(store: Store, tmp_path: Path) -> None:
+    scheduler = ScriptedScheduler(store)
+    app = make_app(store, scheduler, tmp_path=tmp_path)
+    async with app.run_test(size=SMALL) as pilot:
+        app.submit([spec("alpha-135m")])
+        await settle(pilot)
+        await pilot.press("q")
+        assert "1 run is queued or running: quitting cancels it" in screen_text(app)
+        app.screen.dismiss("quit")  # the default button; the app exits from a thread
+        await app.workers.wait_for_complete()
+    assert scheduler.shut_down
+    assert app.return_code == 0
+
+
+async def test_no_color_is_honoured(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = make_app(store, tmp_path=tmp_path)
+    async with app.run_test(size=SMALL):
+        assert app.no_color
+        assert any(type(f).__name__ == "Monochrome" for f in app._filters)

@@ -51,13 +51,13 @@ class InspectScreen(Screen[None]):
         title.append(f"   run {run.run_id}", style="dim")
         yield Static(title, id="title")
         with TabbedContent(initial="summary" if run.status == "finished" else "log"):
-            with TabPane("Summary", id="summary"), VerticalScroll():
+            with TabPane("Summary", id="summary"), VerticalScroll(id="summary-scroll"):
                 yield Static(self.summary(), id="summary-body")
             with TabPane(f"Samples ({len(self.samples)})", id="samples"):
                 yield DataTable(id="sample-table", cursor_type="row", zebra_stripes=True)
                 with VerticalScroll(id="sample-detail"):
                     yield Static(id="sample-text")
-            with TabPane("Log", id="log"), VerticalScroll():
+            with TabPane("Log", id="log"), VerticalScroll(id="log-scroll"):
                 yield Static(self.failure(), id="log-body")
         yield Footer()
 
@@ -82,12 +82,24 @@ class InspectScreen(Screen[None]):
         )
         if self.samples:
             self._show_sample(0)
+        self._focus(self.query_one(TabbedContent).active)
 
     def action_close(self) -> None:
         self.dismiss(None)
 
     def action_show(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
+        self._focus(tab)
+
+    @on(TabbedContent.TabActivated)
+    def _tab_shown(self, event: TabbedContent.TabActivated) -> None:
+        self._focus(event.pane.id or "")
+
+    def _focus(self, tab: str) -> None:
+        """Focus what the tab scrolls, so the arrow keys work at once."""
+        target = {"summary": "#summary-scroll", "samples": "#sample-table", "log": "#log-scroll"}
+        if tab in target:
+            self.query_one(target[tab]).focus(scroll_visible=False)
 
     @on(DataTable.RowHighlighted, "#sample-table")
     def _sample_moved(self, event: DataTable.RowHighlighted) -> None:

@@ -47,13 +47,38 @@ class PickView(Vertical):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("space", "toggle", "Select", id="pick.toggle", tooltip="Select or drop the row"),
         Binding("a", "add_model", "Add model", id="pick.add", tooltip="Hub id, local dir or .gguf"),
-        Binding("d,delete", "remove_model", "Remove", id="pick.remove", tooltip="Remove the model"),
+        Binding(
+            "d,delete",
+            "remove_model",
+            "Remove",
+            id="pick.remove",
+            tooltip="Remove the model",
+            show=False,
+        ),
         Binding("g", "cycle_gpus", "GPUs", id="pick.gpus", tooltip="Next GPU count the box has"),
-        Binding("t", "cycle_dtype", "dtype", id="pick.dtype", tooltip="Next dtype"),
-        Binding("b", "cycle_batch", "Batch", id="pick.batch", tooltip="Next batch size"),
-        Binding("l", "edit_limit", "Limit", id="pick.limit", tooltip="Samples per task"),
-        Binding("f", "edit_fewshot", "Few-shot", id="pick.fewshot", tooltip="Few-shot examples"),
-        Binding("m", "cycle_mode", "Mode", id="pick.mode", tooltip="generate or loglikelihood"),
+        Binding("t", "cycle_dtype", "dtype", id="pick.dtype", tooltip="Next dtype", show=False),
+        Binding(
+            "b", "cycle_batch", "Batch", id="pick.batch", tooltip="Next batch size", show=False
+        ),
+        Binding(
+            "l", "edit_limit", "Limit", id="pick.limit", tooltip="Samples per task", show=False
+        ),
+        Binding(
+            "f",
+            "edit_fewshot",
+            "Few-shot",
+            id="pick.fewshot",
+            tooltip="Few-shot examples",
+            show=False,
+        ),
+        Binding(
+            "m",
+            "cycle_mode",
+            "Mode",
+            id="pick.mode",
+            tooltip="generate or loglikelihood",
+            show=False,
+        ),
     ]
 
     DEFAULT_CSS = """

@@ -42,11 +42,11 @@ def task_columns(unit: str | None) -> list[Column]:
     return [
         Column("rank", "#"),
         Column("model", "Model"),
+        Column("per", "PER", True),
         Column("accuracy", "Accuracy", True),
         Column("throughput", thr, True),
         Column("latency_ms", f"LAT {latency_unit(unit)}", False),
         Column("memory_mb", "MEM MB", False),
-        Column("per", "PER", True),
         Column("acc_n", "ACCn"),
         Column("thr_n", "THRn"),
         Column("lat_n", "LATn"),
@@ -103,6 +103,8 @@ class RankView(Vertical):
         """Whether the user moved the cursor (then updates keep it on their row)."""
         self.lines: list[Line] = []
         self.columns: list[Column] = []
+        self.tab_tasks: dict[str, str] = {}
+        """Task label per tab id, in the order the tabs were added."""
 
     def compose(self) -> ComposeResult:
         yield Tabs(Tab("Overview", id=OVERVIEW), id="views")
@@ -118,13 +120,22 @@ class RankView(Vertical):
         self._recompute()
 
     def _in_view(self) -> list[ResultRow]:
+        """The results the filter keeps: each word names models or tasks (a part of the name
+        is enough); rows of any named model, on any named task ("qwen llama gsm8k")."""
         words = self.filter_text.lower().split()
         if not words:
             return self.results
+        models = {r.model.lower() for r in self.results}
+        tasks = {r.task.lower() for r in self.results}
+        model_words = [w for w in words if any(w in m for m in models)]
+        task_words = [w for w in words if any(w in t for t in tasks)]
+        if len(set(model_words) | set(task_words)) < len(set(words)):
+            return []  # a word that names nothing keeps nothing
         return [
             r
             for r in self.results
-            if all(w in r.model.lower() or w in r.task.lower() for w in words)
+            if (not model_words or any(w in r.model.lower() for w in model_words))
+            and (not task_words or any(w in r.task.lower() for w in task_words))
         ]
 
     def _recompute(self) -> None:
@@ -139,24 +150,20 @@ class RankView(Vertical):
         self._fill()
 
     def _sync_tabs(self) -> None:
+        """A tab per task seen; tabs are only ever added (removing one while it is active, or
+        adding it back before the removal lands, breaks Tabs), so a filter leaves them."""
         tabs = self.query_one("#views", Tabs)
-        wanted = list(group_by_task(self.per_rows))
-        have = [t.id for t in tabs.query(Tab) if t.id != OVERVIEW]
-        ids = {_tab_id(t): t for t in wanted}
-        for tab_id in have:
-            if tab_id not in ids:
-                tabs.remove_tab(tab_id)
-        for tab_id, task in ids.items():
-            if tab_id not in have:
+        for task in group_by_task(self.per_rows):
+            tab_id = _tab_id(task)
+            if tab_id not in self.tab_tasks:
+                self.tab_tasks[tab_id] = task
                 tabs.add_tab(Tab(task, id=tab_id))
-        if self.view != OVERVIEW and self.view not in wanted:
-            self.view = OVERVIEW
 
     @on(Tabs.TabActivated)
     def _tab_activated(self, event: Tabs.TabActivated) -> None:
         event.stop()
         tab_id = event.tab.id or OVERVIEW
-        view = OVERVIEW if tab_id == OVERVIEW else _task_of(tab_id, self.per_rows)
+        view = self.tab_tasks.get(tab_id, OVERVIEW)
         if view != self.view:
             self.view = view
             self.touched = False
@@ -281,11 +288,14 @@ class RankView(Vertical):
                 "a filter or a new run changes it.\n",
             )
             note.append("★ best PER · ◆ Pareto front · ")
-            note.append("green", style="bold green")
-            note.append(": best in column · ")
-            note.append("s sort · v table · / filter · i inspect", style="dim")
+            note.append("underlined", style="bold green underline")
+            note.append(": best in column · s sort · v next table")
             if self.filter_text:
-                note.append(f"\nfilter: {self.filter_text!r} (escape clears)", style="bold")
+                kept = "nothing matches it" if not self.lines else f"{len(self.lines)} rows"
+                note.append(
+                    f"\nfilter {self.filter_text!r}: {kept} (/ edits, escape clears)",
+                    style="bold",
+                )
         self.query_one("#note", Static).update(note)
 
     # -- actions ------------------------------------------------------------------------------
@@ -371,10 +381,6 @@ class RankView(Vertical):
 
 def _tab_id(task: str) -> str:
     return "task-" + "".join(ch if ch.isalnum() else "-" for ch in task)
-
-
-def _task_of(tab_id: str, rows: Sequence[PerRow]) -> str:
-    return next((t for t in group_by_task(rows) if _tab_id(t) == tab_id), OVERVIEW)
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:

@@ -119,7 +119,7 @@ class RunsView(Vertical):
         ended = f"{c['finished']} done · {c['failed']} failed · {c['cancelled']} cancelled"
         if c["running"] or c["queued"]:
             return f"{c['running']} running · {c['queued']} queued · {ended} · c/C cancel"
-        return f"Nothing running. {ended} · launch more from Pick (1, R)"
+        return f"Nothing running · {ended} · 1, R: launch more"
 
     def _sync_list(self) -> None:
         """Rebuild the list (running, queued, then ended newest first); the cursor stays on
