@@ -399,7 +399,7 @@ class SlmApp(App[int]):
         except OSError as exc:
             self.notify(f"{path}: {exc.strerror}", title="Export", severity="error")
             return None
-        self.notify(f"{len(rows)} rows written to {path}", title="Export")
+        self.notify(f"{len(rows)} row{'s' * (len(rows) != 1)} written to {path}", title="Export")
         return path
 
     def action_screenshot(self) -> None:

@@ -177,3 +177,8 @@ def make_app(
         export_dir=tmp_path,
         progress_interval_s=interval_s,
     )
+
+
+def notices_of(app: SlmApp) -> list[str]:
+    """The notifications the app showed so far, oldest first."""
+    return [n.message for n in app._notifications]
