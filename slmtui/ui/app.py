@@ -72,7 +72,8 @@ class StoreLike(Protocol):
 class SlmApp(App[int]):
     """slmtui's console (see the module docstring)."""
 
-    CSS_PATH = "app.tcss"
+    CSS_PATH = Path(__file__).with_name("app.tcss")
+    """Absolute, so subclasses (tests, scripts/cold_start.py) find it too."""
     TITLE = "slmtui"
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -152,7 +153,7 @@ class SlmApp(App[int]):
             with TabPane("2 Runs", id="runs"):
                 yield RunsView(self.board, id="runs-view")
             with TabPane("3 Rank", id="rank"):
-                yield RankView(id="rank-view")
+                yield RankView(self.store.results, id="rank-view")
         yield Static(self._status_text(), id="status")
         yield Footer(compact=True)
 
@@ -160,7 +161,6 @@ class SlmApp(App[int]):
         self.sub_title = f"profile {self.profile.name}"
         self.title = f"slmtui · profile {self.profile.name}"
         self._load_earlier_runs()
-        self.query_one(RankView).show_results(self.store.results())
         self.scheduler.listener = self.bridge
         self.scheduler.start()
         if self.store.recovered:
@@ -201,7 +201,8 @@ class SlmApp(App[int]):
                     log_tail=row.log_tail or "",
                     t=row.finished_at or 0.0,
                 )
-        self.query_one(RunsView).refresh_runs()
+        for view in self.query(RunsView):
+            view.refresh_runs()
 
     def _spec_of(self, run_id: str) -> RunSpec | None:
         row = self.store.run(run_id)
@@ -214,10 +215,12 @@ class SlmApp(App[int]):
         run = self.board.apply(event)
         if run is None:
             return
-        self.query_one(RunsView).refresh_runs()
+        for runs in self.query(RunsView):
+            runs.refresh_runs()
         self._update_tab_labels()
         if isinstance(event, RunFinished):
-            self.query_one(RankView).show_results(self.store.results())
+            for rank in self.query(RankView):
+                rank.show_results(self.store.results())
             self.query_one(PickView).reload()
         elif isinstance(event, RunFailed) and event.reason != "cancelled":
             self.notify(f"{run.label}: {run.reason}", title="Run failed", severity="error")
@@ -225,7 +228,8 @@ class SlmApp(App[int]):
     def on_progress_snapshot(self, message: ProgressSnapshot) -> None:
         changed = self.board.apply_snapshot(message.progress.values(), message.samples)
         if changed:
-            self.query_one(RunsView).refresh_runs()
+            for runs in self.query(RunsView):
+                runs.refresh_runs()
 
     def _update_tab_labels(self) -> None:
         counts = self.board.counts()
@@ -499,7 +503,7 @@ class SlmApp(App[int]):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        rank = self.query_one(RankView)
+        rank = self.query(RankView).first()
         for title, help_text, callback in (
             ("Launch selection", "Queue the selected runs (R)", self.action_launch),
             ("Cancel all runs", "Cancel queued and running runs (C)", self.action_cancel_all),

@@ -6,7 +6,7 @@ the rows in view: a filter changes the set, so it changes PER (the note line say
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -90,8 +90,12 @@ class RankView(Vertical):
             super().__init__()
             self.run_id = run_id
 
-    def __init__(self, **kwargs: object) -> None:
+    def __init__(
+        self, load_results: Callable[[], Sequence[ResultRow]] | None = None, **kwargs: object
+    ) -> None:
+        """``load_results``: read once on mount (the store's results)."""
         super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.load_results = load_results
         self.results: list[ResultRow] = []
         self.per_rows: list[PerRow] = []
         self.notes: list[str] = []
@@ -111,6 +115,9 @@ class RankView(Vertical):
         yield Input(placeholder="filter: words matching model or task names", id="filter")
         yield Static(id="note")
         yield DataTable(id="rank-table", cursor_type="cell", zebra_stripes=True, fixed_columns=2)
+
+    def on_mount(self) -> None:
+        self.show_results(self.load_results() if self.load_results is not None else [])
 
     # -- data ---------------------------------------------------------------------------------
 
