@@ -127,8 +127,11 @@ class SlotCache:
         keys = self.keys[layer_idx][: self.rows]
         values = self.values[layer_idx][: self.rows]
         assert self.write_pos is not None
-        keys.index_copy_(2, self.write_pos, key_states)
-        values.index_copy_(2, self.write_pos, value_states)
+        slots = self.write_pos
+        if slots.device != key_states.device:  # layer-sharded over several GPUs
+            slots = slots.to(key_states.device)
+        keys.index_copy_(2, slots, key_states)
+        values.index_copy_(2, slots, value_states)
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -171,6 +174,17 @@ def _fast_attention(
     return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2), None
 
 
+def _spread(model: Any) -> bool:
+    """Parameters on several devices (layer-sharded), or one rank of a multi-process job (tp).
+
+    A graph captured on one device cannot hold another device's kernels or a collective safely.
+    """
+    if len({p.device for p in model.parameters()}) > 1:
+        return True
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _register_attention() -> None:
     from transformers import AttentionInterface
 
@@ -200,6 +214,12 @@ class FastEngine(PlainEngine):
         self.compile_step = compile_step
         self.check_every_tokens = max(1, check_every_tokens)
         self.use_graphs = self.device.type == "cuda"
+        if self.use_graphs and _spread(model):
+            self.use_graphs = False
+            self.notes.append(
+                "fast engine: the model is spread over several GPUs or processes; decode steps "
+                "run eagerly on the static cache (no CUDA graphs)"
+            )
         self.warmup_report = WarmupReport()
         self.max_batch = self.batch_size
         self._cache: SlotCache | None = None
