@@ -20,9 +20,13 @@ Rows (each prints plain, transformers' best path where one applies, fast, and th
                       batching, as many requests as sequences), fast
   loglik              Qwen2.5-0.5B, hellaswag-shaped: 256 items, 96-token context, 4 endings of 24
                       tokens, batch 32: plain engine vs fast engine, items/s
-  fidelity            Qwen2.5-0.5B, 16 prompts x 64 tokens: teacher-forced log-probs of the fast
+  fidelity            Qwen2.5-0.5B, 32 prompts x 64 tokens: teacher-forced log-probs of the fast
                       decode path (graphs) vs one plain forward; greedy sequences identical to plain
-                      for fast and for transformers' static-cache generate
+                      for fast (every decode attention: auto, gqa, grouped, sdpa) and for
+                      transformers' static-cache generate; the SDPA backend of each decode call
+The b1 and batched rows also run fast with every other decode attention (``fast_<name>``:
+gqa, expand, grouped = the earlier default, sdpa; ``--no-variants`` skips them). ``b1`` is short
+for ``b1-0.5b``.
 
 Floor: a device-to-device copy measures the memory bandwidth in the same run; a decode step must
 at least read the weights (all parameters but an untied input embedding) and, batched, the KV
@@ -50,7 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slmtui.tasks.base import GenerateRequest, LoglikelihoodRequest
-from slmtui.worker.engines.fast import FastEngine
+from slmtui.worker.engines.fast import DECODE_ATTENTIONS, FastEngine, decode_backend
 from slmtui.worker.engines.plain import PlainEngine
 
 MIB = 2**20
@@ -65,6 +69,10 @@ TARGETS: dict[str, dict[str, Any]] = {
 }
 """Issue 9's targets table (H100, bf16), printed beside the measured rows."""
 WARMUP_TARGET_S = 20.0
+BENCH_ORDER = ("gqa", "grouped", "sdpa", "expand")
+"""Decode attentions in the order the bench runs them: ``expand`` (stride-0 K/V heads, the one
+a kernel is likeliest to refuse) last."""
+assert sorted(BENCH_ORDER) == sorted(DECODE_ATTENTIONS)
 MEMORY_TARGET_X = 1.10
 
 QWEN25_05B: dict[str, Any] = {
@@ -266,6 +274,8 @@ def run_engine(
     report = getattr(engine, "warmup_report", None)
     if report is not None:
         out.update(capture_s=report.capture_s, compile_graphs=report.graphs)
+    if hasattr(engine, "decode_attention"):
+        out.update(decode_attention=engine.decode_attention, decode_backends=engine.decode_backends)
     del engine
     return out
 
@@ -379,7 +389,13 @@ def summarise(row: dict[str, Any], floor: float) -> None:
 
 
 def row_batch1(
-    name: str, model: Any, bandwidth: float, new: int, compiled: bool, hf_compiled: bool
+    name: str,
+    model: Any,
+    bandwidth: float,
+    new: int,
+    compiled: bool,
+    hf_compiled: bool,
+    variants: bool = False,
 ) -> dict[str, Any]:
     ids = prompts(1, 128, model.config.vocab_size, seed=1)
     reqs = [GenerateRequest(as_text(ids[0]), new)]
@@ -392,6 +408,13 @@ def row_batch1(
             "hf static+compile", lambda: run_hf_static_compiled(model, ids, new)
         )
     row["fast"] = guarded("fast", lambda: run_engine(FastEngine, model, reqs, 1))
+    if variants:  # every other decode attention, for its speed and memory
+        for variant in BENCH_ORDER:
+            if variant != row["fast"].get("decode_attention"):
+                row[f"fast_{variant}"] = guarded(
+                    f"fast {variant}",
+                    lambda v=variant: run_engine(FastEngine, model, reqs, 1, decode_attention=v),
+                )
     if compiled:
         row["fast_compiled"] = guarded(
             "fast compiled",
@@ -402,7 +425,13 @@ def row_batch1(
 
 
 def row_batched(
-    name: str, model: Any, bandwidth: float, n: int, new: int, hf_batch: bool
+    name: str,
+    model: Any,
+    bandwidth: float,
+    n: int,
+    new: int,
+    hf_batch: bool,
+    variants: bool = False,
 ) -> dict[str, Any]:
     """Plain generate at batch n is also transformers' best plain path here; ``generate_batch``
     (continuous batching) is its other batched path."""
@@ -415,6 +444,13 @@ def row_batched(
             "hf generate_batch", lambda: run_hf_generate_batch(model, ids, new)
         )
     row["fast"] = guarded("fast", lambda: run_engine(FastEngine, model, reqs, n))
+    if variants:  # every other decode attention, for its speed and memory
+        for variant in BENCH_ORDER:
+            if variant != row["fast"].get("decode_attention"):
+                row[f"fast_{variant}"] = guarded(
+                    f"fast {variant}",
+                    lambda v=variant: run_engine(FastEngine, model, reqs, n, decode_attention=v),
+                )
     summarise(row, floor_tokens_per_s(model, n, 128 + new / 2, bandwidth))
     return row
 
@@ -475,12 +511,50 @@ def plain_forward_logprobs(model: Any, prompt: list[int], forced: list[int]) -> 
     return logp.gather(1, torch.tensor(forced, device=DEVICE)[:, None]).squeeze(1)
 
 
+def sdpa_backends(model: Any, capacity: int) -> dict[str, str]:
+    """The SDPA backend this device picks for each decode attention's call (batch 1), and for
+    plain's decode call (no mask, GQA in the kernel)."""
+    from torch.nn.attention import SDPBackend
+
+    c = model.config
+    heads, kv = c.num_attention_heads, c.num_key_value_heads
+    dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    dtype = next(model.parameters()).dtype
+    out = {v: decode_backend(v, heads, kv, dim, capacity, dtype, DEVICE) for v in DECODE_ATTENTIONS}
+    query = torch.zeros((1, heads, 1, dim), dtype=dtype, device=DEVICE)
+    key = torch.zeros((1, kv, capacity, dim), dtype=dtype, device=DEVICE)
+    choice = int(torch._fused_sdp_choice(query, key, key, dropout_p=0.0, enable_gqa=True))
+    names = ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
+    out["plain decode"] = next(
+        (n for n in names if hasattr(SDPBackend, n) and getattr(SDPBackend, n).value == choice),
+        str(choice),
+    )
+    return out
+
+
 def row_fidelity(model: Any, n: int, new: int) -> dict[str, Any]:
+    """Greedy sequences identical to plain's (fast's decode attentions, transformers' static
+    cache) and teacher-forced log-probs of each fast decode attention against a plain forward."""
     ids = prompts(n, 128, model.config.vocab_size, seed=5)
     reqs = [GenerateRequest(as_text(p), new) for p in ids]
     plain = run_engine(PlainEngine, model, reqs, n)["outputs"]
-    fast_engine = FastEngine(model, IdTokenizer(), batch_size=n)
-    fast = {c.index: [int(t) for t in c.response.text.split()] for c in fast_engine.generate(reqs)}
+    forced = [plain[i] for i in range(n)]
+    ref = torch.stack([plain_forward_logprobs(model, ids[i], forced[i]) for i in range(n)])
+    row: dict[str, Any] = {"name": "fidelity", "sequences": n, "new_tokens": new}
+    row["sdpa_backend"] = sdpa_backends(model, 128 + new)
+    variants: dict[str, dict[str, Any]] = {}
+
+    def identity(variant: str) -> dict[str, Any]:
+        engine = FastEngine(model, IdTokenizer(), batch_size=n, decode_attention=variant)
+        outs = {c.index: [int(t) for t in c.response.text.split()] for c in engine.generate(reqs)}
+        diff = (engine.teacher_forced_logprobs(ids, forced) - ref).abs().flatten()
+        return {
+            "decode_attention": engine.decode_attention,
+            "identical_vs_plain": sum(outs[i] == plain[i] for i in range(n)),
+            "teacher_forced_abs_diff_max": float(diff.max()),
+            "teacher_forced_abs_diff_median": float(diff.median()),
+        }
+
     with torch.inference_mode():
         static = model.generate(
             torch.tensor(ids, device=DEVICE),
@@ -491,29 +565,6 @@ def row_fidelity(model: Any, n: int, new: int) -> dict[str, Any]:
             pad_token_id=0,
             disable_compile=True,
         )[:, 128:].tolist()
-    forced = [plain[i] for i in range(n)]
-    tf = fast_engine.teacher_forced_logprobs(ids, forced)
-    del fast_engine
-    ref = torch.stack([plain_forward_logprobs(model, ids[i], forced[i]) for i in range(n)])
-    diff = (tf - ref).abs().flatten()
-    # the same engine with transformers' own SDPA (repeat_kv) for the one-token decode too:
-    # does the grouped-query decode attention cost identical sequences?
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    import slmtui.worker.engines.fast as fast_module
-
-    grouped = fast_module._fast_attention
-    fast_module._fast_attention = sdpa_attention_forward
-    try:
-        sdpa_engine = FastEngine(model, IdTokenizer(), batch_size=n)
-        fast_sdpa = {
-            c.index: [int(t) for t in c.response.text.split()] for c in sdpa_engine.generate(reqs)
-        }
-        diff_sdpa = (sdpa_engine.teacher_forced_logprobs(ids, forced) - ref).abs().flatten()
-        del sdpa_engine
-    finally:
-        fast_module._fast_attention = grouped
-        fast_module._register_attention()
     # the same plain forward, batched with the sequences of the others: bf16's own spread
     with torch.inference_mode():
         logits = model(
@@ -522,32 +573,43 @@ def row_fidelity(model: Any, n: int, new: int) -> dict[str, Any]:
         logp = torch.log_softmax(logits.logits[:, 127:-1].float(), dim=-1)
         batched = logp.gather(2, torch.tensor(forced, device=DEVICE)[:, :, None]).squeeze(2)
     spread = (batched - ref).abs().flatten()
-    row = {
-        "name": "fidelity",
-        "sequences": n,
-        "new_tokens": new,
-        "teacher_forced_abs_diff_max": float(diff.max()),
-        "teacher_forced_abs_diff_median": float(diff.median()),
-        "plain_batched_vs_single_abs_diff_max": float(spread.max()),
-        "plain_batched_vs_single_abs_diff_median": float(spread.median()),
-        "identical_fast_vs_plain": sum(fast[i] == plain[i] for i in range(n)),
-        "identical_fast_sdpa_decode_vs_plain": sum(fast_sdpa[i] == plain[i] for i in range(n)),
-        "teacher_forced_sdpa_decode_abs_diff_max": float(diff_sdpa.max()),
-        "teacher_forced_sdpa_decode_abs_diff_median": float(diff_sdpa.median()),
-        "identical_hf_static_vs_plain": sum(static[i] == plain[i] for i in range(n)),
-    }
+    for variant in ("auto", *BENCH_ORDER):
+        variants[variant] = guarded(f"fast {variant}", lambda v=variant: identity(v))
+    default = variants["auto"]
+    row.update(
+        {
+            "fast_decode_attention": default.get("decode_attention"),
+            "teacher_forced_abs_diff_max": default.get("teacher_forced_abs_diff_max"),
+            "teacher_forced_abs_diff_median": default.get("teacher_forced_abs_diff_median"),
+            "plain_batched_vs_single_abs_diff_max": float(spread.max()),
+            "plain_batched_vs_single_abs_diff_median": float(spread.median()),
+            "identical_fast_vs_plain": default.get("identical_vs_plain", -1),
+            "identical_hf_static_vs_plain": sum(static[i] == plain[i] for i in range(n)),
+            "decode_attention_variants": variants,
+        }
+    )
+    row["fast_meets_hf_static"] = (
+        row["identical_fast_vs_plain"] >= row["identical_hf_static_vs_plain"]
+    )
     log(
         f"== fidelity ({n} x {new} tokens, random weights)\n"
-        "  teacher-forced log-probs fast vs plain forward: max "
-        f"{row['teacher_forced_abs_diff_max']:.3g}"
-        f" median {row['teacher_forced_abs_diff_median']:.3g}  (plain batched vs single: max "
+        f"  SDPA backends: {row['sdpa_backend']}\n"
+        "  plain batched vs single forward: max "
         f"{row['plain_batched_vs_single_abs_diff_max']:.3g} median "
-        f"{row['plain_batched_vs_single_abs_diff_median']:.3g})\n"
-        f"  identical greedy sequences vs plain: fast {row['identical_fast_vs_plain']}/{n}, "
-        f"fast with SDPA decode {row['identical_fast_sdpa_decode_vs_plain']}/{n} (teacher-forced "
-        f"max {row['teacher_forced_sdpa_decode_abs_diff_max']:.3g}), "
-        f"transformers static cache {row['identical_hf_static_vs_plain']}/{n}"
+        f"{row['plain_batched_vs_single_abs_diff_median']:.3g}\n"
+        f"  identical greedy sequences vs plain: transformers static cache "
+        f"{row['identical_hf_static_vs_plain']}/{n}"
     )
+    for variant, v in variants.items():
+        if "error" in v:
+            continue
+        log(
+            f"  fast decode {variant:<8} ({v['decode_attention']}): identical "
+            f"{v['identical_vs_plain']}/{n}, teacher-forced |dlogp| max "
+            f"{v['teacher_forced_abs_diff_max']:.3g} median "
+            f"{v['teacher_forced_abs_diff_median']:.3g}"
+        )
+    log(f"  fast (default) >= transformers static: {row['fast_meets_hf_static']}")
     return row
 
 
@@ -566,6 +628,11 @@ def main() -> None:
     parser.add_argument("--no-hf-compile", action="store_true")
     parser.add_argument("--no-hf-batch", action="store_true")
     parser.add_argument("--no-fast-compile", action="store_true")
+    parser.add_argument(
+        "--no-variants",
+        action="store_true",
+        help="skip fast with the other decode attentions in the b1/b64/b256 rows",
+    )
     parser.add_argument(
         "--deadline-s",
         type=float,
@@ -616,17 +683,12 @@ def main() -> None:
             )
         return held[key]
 
-    for name in rows:
-        started = time.perf_counter()
-        if args.deadline_s and started - began > args.deadline_s:
-            log(f"  ({name}: skipped, past the {args.deadline_s:.0f} s deadline)")
-            result.setdefault("skipped_rows", []).append(name)
-            continue
+    def run_row(name: str) -> None:
         if name == "fidelity":
             out_rows.append(
                 row_fidelity(model("0.5b"), 4 if args.smoke else 32, 16 if args.smoke else 64)
             )
-        elif name == "b1-0.5b":
+        elif name in ("b1-0.5b", "b1"):
             out_rows.append(
                 row_batch1(
                     "b1 Qwen2.5-0.5B",
@@ -635,13 +697,20 @@ def main() -> None:
                     new=32 if args.smoke else 128,
                     compiled=not args.no_fast_compile,
                     hf_compiled=not args.no_hf_compile,
+                    variants=not args.no_variants,
                 )
             )
         elif name in ("b64", "b256"):
             n = n_small if name == "b64" else n_big
             out_rows.append(
                 row_batched(
-                    f"{name} Qwen2.5-0.5B", model("0.5b"), bandwidth, n, new, not args.no_hf_batch
+                    f"{name} Qwen2.5-0.5B",
+                    model("0.5b"),
+                    bandwidth,
+                    n,
+                    new,
+                    not args.no_hf_batch,
+                    variants=not args.no_variants,
                 )
             )
         elif name == "loglik":
@@ -661,6 +730,18 @@ def main() -> None:
             )
         else:
             raise SystemExit(f"unknown row '{name}'")
+
+    for name in rows:
+        started = time.perf_counter()
+        if args.deadline_s and started - began > args.deadline_s:
+            log(f"  ({name}: skipped, past the {args.deadline_s:.0f} s deadline)")
+            result.setdefault("skipped_rows", []).append(name)
+            continue
+        try:
+            run_row(name)
+        except Exception as exc:  # one row failing costs only that row
+            log(f"  ({name}: failed: {type(exc).__name__}: {exc})")
+            out_rows.append({"name": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
         out_rows[-1]["row_wall_s"] = time.perf_counter() - started
         log(f"  ({name}: {out_rows[-1]['row_wall_s']:.0f} s)")
         save()

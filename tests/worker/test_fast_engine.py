@@ -57,6 +57,80 @@ def test_greedy_outputs_are_token_identical_to_plain(tiny_model: tuple[Any, Any]
     assert fast_engine.notes == []
 
 
+@pytest.mark.parametrize("decode_attention", ["gqa", "expand", "grouped", "sdpa"])
+def test_every_decode_attention_is_token_identical_to_plain(
+    tiny_model: tuple[Any, Any], decode_attention: str
+):
+    model, tokenizer = tiny_model
+    requests = [GenerateRequest(p, 6 + 2 * i) for i, p in enumerate(PROMPTS[:5])]
+    plain = by_index(PlainEngine(model, tokenizer, batch_size=1).generate(requests))
+    engine = FastEngine(model, tokenizer, batch_size=3, decode_attention=decode_attention)
+    assert engine.decode_attention == decode_attention
+    assert outputs(by_index(engine.generate(requests))) == outputs(plain)
+
+
+def test_decode_attention_defaults_to_gqa_and_rejects_unknown_names(tiny_model: tuple[Any, Any]):
+    model, tokenizer = tiny_model
+    assert FastEngine(model, tokenizer, batch_size=2).decode_attention == "gqa"
+    with pytest.raises(ValueError, match="decode_attention 'flash'"):
+        FastEngine(model, tokenizer, batch_size=2, decode_attention="flash")
+
+
+class SdpaCalls:
+    """Records every ``scaled_dot_product_attention`` call's shapes (and still runs it)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[dict[str, Any]] = []
+        real = torch.nn.functional.scaled_dot_product_attention
+
+        def spy(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
+            mask = kwargs.get("attn_mask", args[0] if args else None)
+            self.calls.append(
+                {
+                    "query": tuple(query.shape),
+                    "key": tuple(key.shape),
+                    "mask": None if mask is None else tuple(mask.shape),
+                    "is_causal": bool(kwargs.get("is_causal", False)),
+                    "enable_gqa": bool(kwargs.get("enable_gqa", False)),
+                }
+            )
+            return real(query, key, value, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefill_attends_over_the_prompt_only_not_the_whole_cache(
+    tiny_model: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, padded: bool
+):
+    """Keys, values and mask of the prefill are prompt-long (capacity 192 here, prompt ~10):
+    its attention work and memory follow the prompt, as plain's do. Decode reads the cache."""
+    model, tokenizer = tiny_model
+    prompts = ["abcdefgh", "abcd" if padded else "hgfedcba"]
+    width = max(len(tokenizer(p)["input_ids"]) for p in prompts)
+    requests = [GenerateRequest(p, 150) for p in prompts]
+    engine = FastEngine(model, tokenizer, batch_size=2, check_every_tokens=150)
+    spy = SdpaCalls(monkeypatch)
+    fast = by_index(engine.generate(requests))
+    assert engine._cache is not None and engine._cache.capacity >= 150 + width > 3 * width
+    layers = model.config.num_hidden_layers
+    assert len(spy.calls) == layers * 150  # one batch: a prefill, then 149 decode steps
+    prefill, decode = spy.calls[:layers], spy.calls[layers:]
+    for call in prefill:
+        assert call["query"][2] == call["key"][2] == width  # not the capacity
+        if padded:
+            assert call["mask"] is not None and call["mask"][-2:] == (width, width)
+        else:  # plain's own prefill call: causal, no mask, GQA in the kernel
+            assert call["mask"] is None and call["is_causal"] and call["enable_gqa"]
+    for call in decode:
+        assert call["key"][2] == engine._cache.capacity
+        assert call["query"][1] == model.config.num_attention_heads
+        assert call["key"][1] == model.config.num_key_value_heads and call["enable_gqa"]
+    monkeypatch.undo()
+    plain = by_index(PlainEngine(model, tokenizer, batch_size=2).generate(requests))
+    assert outputs(fast) == outputs(plain)
+
+
 def test_finished_rows_move_to_a_smaller_bucket_without_changing_the_rest(
     tiny_model: tuple[Any, Any],
 ):

@@ -32,10 +32,23 @@ loglikelihood
     positions. A request whose packed row would not fit the model's window is scored unpacked
     through ``plain``'s own path (which keeps the last tokens, as lm-eval does).
 
-Attention runs through ``slmtui_fast``, an SDPA wrapper registered with transformers'
-``AttentionInterface`` and switched on only inside this engine's forwards: for one query token
-it groups query heads per KV head instead of repeating K/V (``repeat_kv`` copies the whole cache
-every layer and step once a mask is given); longer queries use transformers' own SDPA path.
+Attention runs through SDPA wrappers registered with transformers' ``AttentionInterface``
+(``slmtui_fast_<decode attention>``) and switched on only inside this engine's forwards.
+
+* Prefill sees only the prompt's slots (``SlotCache.visible``): keys, values and the mask are
+  ``width`` long, not the cache's capacity, so its attention work and memory are bounded by the
+  prompt. A batch without left padding (and no sliding window shorter than it) drops the mask
+  and runs transformers' SDPA call exactly as plain's prefill does (causal, GQA in the kernel).
+* Decode (one query token) over the whole static cache with a boolean mask, one of
+  ``DECODE_ATTENTIONS``: ``gqa`` (default) is plain's own decode call, one query row per head
+  with GQA inside the kernel (no K/V copy), plus the mask; ``grouped`` folds each KV head's query
+  heads into query rows (the earlier default: bf16 sequences identical to plain 2/32 on an H100,
+  against 11/32 for transformers' static cache: the kernel rounds seven query rows per head
+  differently from plain's one); ``expand`` is transformers' static-cache call (one query row
+  per head, K/V per head) with K/V repeated by a stride-0 view, not copied; ``sdpa`` is
+  transformers' own SDPA path (``repeat_kv`` copies the cache every layer and step in
+  transformers 5.17). ``auto`` takes the first of ``gqa``, ``expand``, ``grouped`` that a fused
+  kernel accepts on this device (otherwise SDPA would run the math kernel, scores in bf16).
 
 On an out-of-memory error the batch size halves and the batch is retried (down to 1), as plain.
 """
@@ -62,6 +75,8 @@ from slmtui.worker.engines.base import Completed
 from slmtui.worker.engines.plain import PlainEngine, _first_stop, is_oom
 
 ATTENTION_NAME = "slmtui_fast"
+DECODE_ATTENTIONS = ("gqa", "expand", "grouped", "sdpa")
+"""Decode attention variants (module docstring); ``auto`` chooses among the first three."""
 CHECK_EVERY_TOKENS = 16
 """Decode steps between host-side stop checks (one device sync each)."""
 CAPACITY_STEP = 64
@@ -100,6 +115,8 @@ class SlotCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.write_pos: torch.Tensor | None = None
+        self.visible: int | None = None
+        """Slots ``update`` returns (the first ``visible``); None: the whole capacity (decode)."""
 
     def update(
         self,
@@ -132,6 +149,8 @@ class SlotCache:
             slots = slots.to(key_states.device)
         keys.index_copy_(2, slots, key_states)
         values.index_copy_(2, slots, value_states)
+        if self.visible is not None:
+            return keys[:, :, : self.visible], values[:, :, : self.visible]
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -147,7 +166,12 @@ class SlotCache:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
-def _fast_attention(
+_causal_prefill = False
+"""Set by the engine around a prefill without left padding: attention drops the mask and runs
+transformers' SDPA call as plain's prefill does (causal)."""
+
+
+def _prefill_attention(
     module: Any,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -157,21 +181,147 @@ def _fast_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA; for one query token the query heads are grouped per KV head (no K/V copy)."""
+    """More than one query token: transformers' SDPA (prefill, packed log-likelihood)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if _causal_prefill and query.shape[2] == key.shape[2]:
+        attention_mask = None  # plain's prefill call: is_causal, GQA in the kernel
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+
+
+def _decode_mask(attention_mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor | None:
+    return attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+
+
+def _gqa_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Decode as plain's decode call (one query row per head, GQA in the kernel) + the mask."""
+    if query.shape[2] != 1 or key.shape[-1] != value.shape[-1]:
+        return _prefill_attention(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=_decode_mask(attention_mask, key),
+        scale=scaling,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )  # [batch, heads, 1, dim]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _grouped_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Decode with each KV head's query heads folded into query rows (no K/V copy)."""
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     if q_len != 1 or kv_heads == heads or key.shape[-1] != value.shape[-1]:
-        return sdpa_attention_forward(
+        return _prefill_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-    mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
     out = torch.nn.functional.scaled_dot_product_attention(
-        grouped, key, value, attn_mask=mask, scale=scaling
+        grouped, key, value, attn_mask=_decode_mask(attention_mask, key), scale=scaling
     )  # [batch, kv_heads, group, dim]
     return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2), None
+
+
+def _expand_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Decode as transformers' static-cache call (one query row per head, K/V per head, mask),
+    with each KV head's K/V repeated by a stride-0 view instead of ``repeat_kv``'s copy."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads, capacity = key.shape[1], key.shape[2]
+    if q_len != 1 or kv_heads == heads or key.shape[-1] != value.shape[-1]:
+        return _prefill_attention(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    group = heads // kv_heads
+    rows = batch * kv_heads
+    folded_q = query.reshape(rows, group, 1, dim)
+    folded_k = key.reshape(rows, 1, capacity, dim).expand(rows, group, capacity, dim)
+    folded_v = value.reshape(rows, 1, capacity, dim).expand(rows, group, capacity, dim)
+    mask = _decode_mask(attention_mask, key)
+    if mask is not None and mask.shape[0] != 1:
+        mask = mask.repeat_interleave(kv_heads, dim=0)  # [batch * kv_heads, 1, 1, capacity]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        folded_q, folded_k, folded_v, attn_mask=mask, scale=scaling
+    )  # [batch * kv_heads, group, 1, dim]
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
+
+
+_ATTENTION_FUNCTIONS: dict[str, Callable[..., tuple[torch.Tensor, None]]] = {
+    "gqa": _gqa_attention,
+    "grouped": _grouped_attention,
+    "expand": _expand_attention,
+    "sdpa": _prefill_attention,  # transformers' own SDPA for the decode step too
+}
+
+
+def decode_backend(
+    variant: str, heads: int, kv_heads: int, head_dim: int, capacity: int, dtype: Any, device: Any
+) -> str:
+    """The SDPA backend this device picks for ``variant``'s decode call (e.g. CUDNN_ATTENTION).
+
+    ``gqa`` and ``expand`` are the calls to check: with a mask, only some fused kernels take
+    GQA or stride-0 heads, and the math kernel (bf16 scores) is the fallback.
+    """
+    from torch.nn.attention import SDPBackend
+
+    group = heads // kv_heads
+    mask = torch.ones((1, 1, 1, capacity), dtype=torch.bool, device=device)
+    key = torch.zeros((1, kv_heads, capacity, head_dim), dtype=dtype, device=device)
+    if variant == "gqa":
+        query = torch.zeros((1, heads, 1, head_dim), dtype=dtype, device=device)
+        gqa = kv_heads != heads
+    elif variant == "expand":
+        query = torch.zeros((kv_heads, group, 1, head_dim), dtype=dtype, device=device)
+        key = key.reshape(kv_heads, 1, capacity, head_dim).expand(-1, group, -1, -1)
+        gqa = False
+    elif variant == "grouped":
+        query = torch.zeros((1, kv_heads, group, head_dim), dtype=dtype, device=device)
+        gqa = False
+    else:  # sdpa: repeat_kv
+        query = torch.zeros((1, heads, 1, head_dim), dtype=dtype, device=device)
+        key = torch.zeros((1, heads, capacity, head_dim), dtype=dtype, device=device)
+        gqa = False
+    choice = int(
+        torch._fused_sdp_choice(
+            query, key, key, attn_mask=mask, dropout_p=0.0, is_causal=False, enable_gqa=gqa
+        )
+    )
+    for name in ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+        backend = getattr(SDPBackend, name, None)
+        if backend is not None and backend.value == choice:
+            return name
+    return f"backend {choice}"
 
 
 def _spread(model: Any) -> bool:
@@ -188,7 +338,8 @@ def _spread(model: Any) -> bool:
 def _register_attention() -> None:
     from transformers import AttentionInterface
 
-    AttentionInterface.register(ATTENTION_NAME, _fast_attention)
+    for variant, function in _ATTENTION_FUNCTIONS.items():
+        AttentionInterface.register(f"{ATTENTION_NAME}_{variant}", function)
 
 
 class FastEngine(PlainEngine):
@@ -208,6 +359,7 @@ class FastEngine(PlainEngine):
         batch_size: int,
         compile_step: bool = False,
         check_every_tokens: int = CHECK_EVERY_TOKENS,
+        decode_attention: str = "auto",
     ) -> None:
         super().__init__(model, tokenizer, batch_size=batch_size)
         _register_attention()
@@ -236,6 +388,7 @@ class FastEngine(PlainEngine):
             if hasattr(model.config, "get_text_config")
             else model.config
         )
+        self.decode_attention = self._choose_decode_attention(decode_attention, text_config)
         layer_types = list(getattr(text_config, "layer_types", None) or [])
         self.sliding_window: int | None = None
         if "sliding_attention" in layer_types:
@@ -243,6 +396,36 @@ class FastEngine(PlainEngine):
         self.layer_types = sorted(set(layer_types))
         params = inspect.signature(model.forward).parameters
         self._pass_cache_position = "cache_position" in params
+
+    def _choose_decode_attention(self, requested: str, text_config: Any) -> str:
+        """``requested``, or for ``auto`` the first of gqa, expand, grouped that a fused
+        kernel takes here (CPU: gqa)."""
+        if requested not in (*DECODE_ATTENTIONS, "auto"):
+            raise ValueError(
+                f"decode_attention {requested!r}: one of {', '.join(DECODE_ATTENTIONS)} or auto"
+            )
+        self.decode_backends: dict[str, str] = {}
+        """The SDPA backend of each decode call checked by ``auto`` (CUDA only)."""
+        if requested != "auto":
+            return requested
+        if self.device.type != "cuda":
+            return "gqa"
+        heads = int(text_config.num_attention_heads)
+        kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
+        dtype = next(self.model.parameters()).dtype
+        for variant in ("gqa", "expand"):
+            backend = decode_backend(
+                variant, heads, kv_heads, head_dim, CAPACITY_STEP * 4, dtype, self.device
+            )
+            self.decode_backends[variant] = backend
+            if backend != "MATH" or kv_heads == heads:
+                return variant
+        self.notes.append(
+            "fast engine: no fused attention kernel takes GQA or stride-0 heads with a mask on "
+            "this device; decode attention 'grouped' (query heads folded per KV head)"
+        )
+        return "grouped"
 
     # -- buffers --------------------------------------------------------------------------------
 
@@ -310,7 +493,7 @@ class FastEngine(PlainEngine):
         """Route attention through ``slmtui_fast`` for the duration of this engine's forwards."""
         config = self.model.config
         previous = config._attn_implementation
-        config._attn_implementation = ATTENTION_NAME
+        config._attn_implementation = f"{ATTENTION_NAME}_{self.decode_attention}"
         try:
             yield
         finally:
@@ -352,6 +535,7 @@ class FastEngine(PlainEngine):
         assert cache is not None
         cache.rows = rows
         cache.write_pos = self._write_pos
+        cache.visible = None
         mask = self._mask[:rows]
         mask.index_fill_(3, self._write_pos, True)
         slide = None
@@ -391,11 +575,10 @@ class FastEngine(PlainEngine):
         self._step_idx.zero_()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._eager_warmup_steps(rows)
+        torch.cuda.current_stream().wait_stream(stream)
         with torch.inference_mode(), self._attention():
-            with torch.cuda.stream(stream):
-                for _ in range(3 if self.compile_step else 2):
-                    self._step_fn(rows)
-            torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
@@ -408,6 +591,27 @@ class FastEngine(PlainEngine):
         self._graph_logits[rows] = logits
         self.warmup_report.capture_s += time.perf_counter() - started
         self.warmup_report.graphs += 1
+
+    def _eager_warmup_steps(self, rows: int) -> None:
+        """The eager steps before a capture. A decode attention whose kernel this device
+        refuses (an error here, before any capture) falls back to ``grouped``, noted."""
+        try:
+            with torch.inference_mode(), self._attention():
+                for _ in range(3 if self.compile_step else 2):
+                    self._step_fn(rows)
+        except Exception as exc:
+            if is_oom(exc) or self.decode_attention == "grouped":
+                raise
+            self.notes.append(
+                f"fast engine: decode attention {self.decode_attention!r} failed on this device "
+                f"({type(exc).__name__}: {str(exc)[:120]}); using 'grouped'"
+            )
+            self.decode_attention = "grouped"
+            self._write_pos.zero_()
+            self._step_idx.zero_()
+            with torch.inference_mode(), self._attention():
+                for _ in range(3 if self.compile_step else 2):
+                    self._step_fn(rows)
 
     def _prefill(self, rows: list[list[int]], width: int) -> torch.Tensor:
         """Prompts (left-padded to ``width``) into cache rows 0..len-1; decode state set up.
@@ -422,8 +626,9 @@ class FastEngine(PlainEngine):
             ids[r, width - len(row) :] = torch.tensor(row, dtype=torch.long)
         lengths = torch.tensor([len(row) for row in rows], device=dev)
         pad = (width - lengths)[:, None, None]
+        # keys are the prompt's slots 0..width-1 only (cache.visible), never the whole capacity
         query = torch.arange(width, device=dev)[None, :, None]
-        slots = self._slots[None, None, :]
+        slots = self._slots[None, None, :width]
         allowed = ((slots <= query) & (slots >= pad)) | (slots == query)  # pad rows: self only
         slide = None
         if self.sliding_window is not None:
@@ -433,15 +638,26 @@ class FastEngine(PlainEngine):
         write_pos = torch.arange(width, device=dev)
         cache.rows = n
         cache.write_pos = write_pos
-        with torch.inference_mode(), self._attention():
-            logits = self._forward(
-                ids.to(dev),
-                positions,
-                self._mask_argument(allowed[:, None], slide),
-                write_pos,
-                cache,
-                1,
-            )[:, -1]
+        cache.visible = width
+        unpadded = all(len(row) == width for row in rows) and (
+            self.sliding_window is None or width <= self.sliding_window
+        )
+        global _causal_prefill
+        _causal_prefill = unpadded
+        try:
+            with torch.inference_mode(), self._attention():
+                logits = self._forward(
+                    ids.to(dev),
+                    positions,
+                    self._mask_argument(allowed[:, None], slide),
+                    write_pos,
+                    cache,
+                    1,
+                )[:, -1]
+        finally:
+            _causal_prefill = False
+            cache.visible = None
+        with torch.inference_mode():
             first = logits.argmax(dim=-1)
             self._mask[:n] = (
                 (self._slots[None, :] >= pad[:, :, 0]) & (self._slots[None, :] < width)
