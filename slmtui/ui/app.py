@@ -69,6 +69,21 @@ class StoreLike(Protocol):
     def samples(self, run_id: str) -> list[Any]: ...
 
 
+class ConsoleTabs(TabbedContent):
+    """TabbedContent that follows a focused pane only while the focus is still in it.
+
+    Focusing a widget in a hidden pane makes TabbedContent show that pane, through a message
+    that lands later: after start-up's first focus, a launch that shows Runs was undone.
+    """
+
+    def _on_tab_pane_focused(self, event: TabPane.Focused) -> None:
+        focused = self.app.focused
+        if focused is None or event.tab_pane in focused.ancestors_with_self:
+            super()._on_tab_pane_focused(event)
+        else:
+            event.stop()
+
+
 class SlmApp(App[int]):
     """slmtui's console (see the module docstring)."""
 
@@ -137,11 +152,19 @@ class SlmApp(App[int]):
         self.started_at = time.perf_counter()
         self.first_paint_s: float | None = None
         self.stopping = False
+        self.wanted_tab: str | None = None
+        """The tab last asked for by key or command, until it is shown."""
+
+    @property
+    def main_screen(self) -> Screen[Any]:
+        """The console's own screen. ``App.query`` searches the screen on top, which is the
+        help, a prompt or an inspected run while events keep arriving."""
+        return self.screen_stack[0]
 
     # -- layout -------------------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
-        with TabbedContent(initial="pick", id="tabs"):
+        with ConsoleTabs(initial="pick", id="tabs"):
             with TabPane("1 Pick", id="pick"):
                 yield PickView(
                     self.selection,
@@ -201,7 +224,7 @@ class SlmApp(App[int]):
                     log_tail=row.log_tail or "",
                     t=row.finished_at or 0.0,
                 )
-        for view in self.query(RunsView):
+        for view in self.main_screen.query(RunsView):
             view.refresh_runs()
 
     def _spec_of(self, run_id: str) -> RunSpec | None:
@@ -213,45 +236,54 @@ class SlmApp(App[int]):
     def on_run_changed(self, message: RunChanged) -> None:
         event: Event = message.event
         run = self.board.apply(event)
-        if run is None:
+        if run is None or not self.screen_stack:  # (no screen: the app is closing)
             return
-        for runs in self.query(RunsView):
+        for runs in self.main_screen.query(RunsView):
             runs.refresh_runs()
         self._update_tab_labels()
         if isinstance(event, RunFinished):
-            for rank in self.query(RankView):
+            for rank in self.main_screen.query(RankView):
                 rank.show_results(self.store.results())
-            self.query_one(PickView).reload()
+            self.main_screen.query_one(PickView).reload()
         elif isinstance(event, RunFailed) and event.reason != "cancelled":
             self.notify(f"{run.label}: {run.reason}", title="Run failed", severity="error")
 
     def on_progress_snapshot(self, message: ProgressSnapshot) -> None:
         changed = self.board.apply_snapshot(message.progress.values(), message.samples)
-        if changed:
-            for runs in self.query(RunsView):
+        if changed and self.screen_stack:
+            for runs in self.main_screen.query(RunsView):
                 runs.refresh_runs()
 
     def _update_tab_labels(self) -> None:
         counts = self.board.counts()
         active = counts["running"] + counts["queued"]
         label = f"2 Runs ({counts['running']}▶ {counts['queued']}…)" if active else "2 Runs"
-        self.query_one(TabbedContent).get_tab("runs").label = label
+        self.main_screen.query_one(TabbedContent).get_tab("runs").label = label
 
     # -- commands -----------------------------------------------------------------------------
 
     def action_show_tab(self, tab: str) -> None:
-        self.query_one(TabbedContent).active = tab
+        self.wanted_tab = tab
+        self.main_screen.query_one(TabbedContent).active = tab
         self._focus_tab(tab)
 
     @on(TabbedContent.TabActivated, "#tabs")
     def _tab_shown(self, event: TabbedContent.TabActivated) -> None:
-        self._focus_tab(event.pane.id or "")
+        """TabbedContent syncs with its Tabs through messages, so after two quick switches
+        (launch shows Runs, then the user presses 3) the first one's late message switches
+        back; a tab asked for by key wins until its own activation arrives."""
+        shown = event.pane.id or ""
+        if self.wanted_tab and shown != self.wanted_tab:
+            event.tabbed_content.active = self.wanted_tab
+            return
+        self.wanted_tab = None
+        self._focus_tab(shown)
 
     def _focus_tab(self, tab: str) -> None:
         """Focus the tab's main table, so its keys work at once (keyboard only, over SSH)."""
         target = {"pick": "#models", "runs": "#run-list", "rank": "#rank-table"}.get(tab)
-        if target and not self.stopping:
-            for widget in self.query(target):
+        if target and not self.stopping and self.screen_stack:
+            for widget in self.main_screen.query(target):
                 widget.focus(scroll_visible=False)
 
     def action_launch(self) -> None:
@@ -364,7 +396,7 @@ class SlmApp(App[int]):
     def action_export(self) -> None:
         from slmtui.ui.screens.prompt import PromptScreen
 
-        rank = self.query_one(RankView)
+        rank = self.main_screen.query_one(RankView)
         if not rank.per_rows:
             self.notify("No ranked result to export yet.", title="Export", severity="warning")
             return
@@ -395,7 +427,7 @@ class SlmApp(App[int]):
                 severity="error",
             )
             return None
-        rows = self.query_one(RankView).rows_in_view()
+        rows = self.main_screen.query_one(RankView).rows_in_view()
         render = {"csv": export.to_csv, "json": export.to_json, "markdown": export.to_markdown}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -503,7 +535,7 @@ class SlmApp(App[int]):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        rank = self.query(RankView).first()
+        rank = self.main_screen.query(RankView).first()
         for title, help_text, callback in (
             ("Launch selection", "Queue the selected runs (R)", self.action_launch),
             ("Cancel all runs", "Cancel queued and running runs (C)", self.action_cancel_all),

@@ -35,6 +35,8 @@ class InspectScreen(Screen[None]):
 
     DEFAULT_CSS = """
     InspectScreen #title { height: auto; padding: 0 1; text-style: bold; background: $boost; }
+    InspectScreen TabbedContent { height: 1fr; }
+    InspectScreen TabPane { height: 1fr; padding: 0 1; }
     InspectScreen #sample-table { height: 1fr; }
     InspectScreen #sample-detail { height: auto; max-height: 50%; border-top: solid $primary; }
     """

@@ -296,7 +296,7 @@ class RankView(Vertical):
             )
             note.append("★ best PER · ◆ Pareto front · ")
             note.append("underlined", style="bold green underline")
-            note.append(": best in column · s sort · v next table")
+            note.append(": best in column")
             if self.filter_text:
                 kept = "nothing matches it" if not self.lines else f"{len(self.lines)} rows"
                 note.append(

@@ -49,7 +49,9 @@ class RunPanel(Static):
         bar.add_column(no_wrap=True)
         total = run.total
         done = min(run.done, total) if total else run.done
-        progress = ProgressBar(total=total or None, completed=done, pulse=not total)
+        # an unknown total draws an empty bar: rich pulses by the clock, and the panel redraws
+        # only when the run changes
+        progress = ProgressBar(total=total or 1, completed=done if total else 0)
         eta = run.eta_s
         bar.add_row(
             progress,
