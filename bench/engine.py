@@ -230,11 +230,16 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def reset_memory() -> None:
+def reset_memory() -> float:
+    """Collect, reset the peak; the memory still allocated (MiB: the weights, plus whatever an
+    earlier path has not returned: run 3 saw later paths of a row start higher each time)."""
     gc.collect()
     if CUDA:
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / MIB
+    return 0.0
 
 
 def peak_mib() -> float:
@@ -257,8 +262,9 @@ def log(*parts: Any) -> None:
 def run_engine(
     engine_cls: type, model: Any, reqs: list[GenerateRequest], batch: int, **kwargs: Any
 ) -> dict[str, Any]:
-    """Construct, warm up (timed apart), run; tokens/s over the run, peak memory."""
-    reset_memory()
+    """Construct, warm up (timed apart), run; tokens/s over the run, peak memory (also over
+    the memory allocated at the start, so that what an earlier path left does not count)."""
+    start_mib = reset_memory()
     engine = engine_cls(model, IdTokenizer(), batch_size=batch, **kwargs)
     warm_s, _ = timed(lambda e=engine: e.warmup(reqs[:batch], []))
     run_s, done = timed(lambda e=engine: list(e.generate(reqs)))
@@ -269,6 +275,8 @@ def run_engine(
         "tokens_per_s": tokens / run_s,
         "warmup_s": warm_s,
         "peak_mem_mib": peak_mib(),
+        "start_mem_mib": start_mib,
+        "peak_over_start_mib": peak_mib() - start_mib,
         "outputs": {c.index: [int(t) for t in c.response.text.split()] for c in done},
     }
     report = getattr(engine, "warmup_report", None)
@@ -342,6 +350,13 @@ def guarded(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
+def over(result: dict[str, Any]) -> str:
+    """ ", +N MiB over its start" when the path started with more allocated than the weights."""
+    if "peak_over_start_mib" not in result:
+        return ""
+    return f"; +{result['peak_over_start_mib']:,.0f} over start {result['start_mem_mib']:,.0f}"
+
+
 def summarise(row: dict[str, Any], floor: float) -> None:
     """Ratios to plain and to transformers' best path, % of the floor, targets; prints the row.
 
@@ -370,7 +385,8 @@ def summarise(row: dict[str, Any], floor: float) -> None:
             f"  {key:<18} {rate:>10,.0f} tok/s  x{result['x_plain'] or 0:>6.1f} plain"
             f"  x{result['x_hf_best'] or 0:>5.2f} hf-best  {result['pct_floor']:5.1f}% floor"
             f"  peak {result['peak_mem_mib']:,.0f} MiB"
-            f" (x{result.get('mem_x_plain') or 0:.2f} plain){extra}"
+            f" (x{result.get('mem_x_plain') or 0:.2f} plain"
+            f"{over(result)}){extra}"
         )
     row["floor_tokens_per_s"] = floor
     target = TARGETS.get(row["name"])
