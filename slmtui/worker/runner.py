@@ -222,6 +222,9 @@ def _run(
     task_metrics = task.aggregate([scored[c.index][0] for c in completions])
     notes += getattr(engine, "notes", [])
     metrics = _timing_metrics(spec, settings.mode, completions, timing.measured_s)
+    if settings.mode == "generate" and (ctx.world_size == 1 or spec.parallel != "dp"):
+        # dp ranks prefill at the same time: their sum is not a share of the window.
+        metrics |= _prefill_decode_split(completions, timing.measured_s)
     metrics.update(
         accuracy=task_metrics.get(task.primary_metric),
         task_metrics=task_metrics,
@@ -351,6 +354,29 @@ def _timing_metrics(
         "ttft_ms": 1000 * sum(ttfts) / len(ttfts) if ttfts else None,
         "tokens_in": tokens_in,
         "tokens_out": tokens_out,
+    }
+
+
+def _prefill_decode_split(completions: list[Completed], measured_s: float) -> dict[str, Any]:
+    """Prefill (each batch's time to first token, counted once per batch) apart from decode.
+
+    ``decode_s`` is the window less the prefills, so it holds the host's work between steps
+    (stop checks, scoring) as THR and LAT do; the first token of each answer is prefill's.
+    Empty when the engine does not say which batch answered a request.
+    """
+    if not completions or any(c.batch is None or c.ttft_s is None for c in completions):
+        return {}
+    prefill_s = sum({c.batch: c.ttft_s for c in completions}.values())  # type: ignore[misc]
+    decode_s = max(measured_s - prefill_s, 0.0)
+    tokens_in = sum(c.tokens_in for c in completions)
+    decode_tokens = sum(max(c.tokens_out - 1, 0) for c in completions)
+    return {
+        "prefill_s": prefill_s,
+        "prefill_tokens_per_s": tokens_in / prefill_s if prefill_s > 0 else None,
+        "decode_s": decode_s,
+        "decode_tokens": decode_tokens,
+        "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else None,
+        "decode_ms_per_token": 1000 * decode_s / decode_tokens if decode_tokens else None,
     }
 
 

@@ -115,6 +115,10 @@ def test_generate_run_streams_started_progress_samples_result(
         1000 * metrics["measured_s"] / metrics["tokens_out"]
     )
     assert metrics["ttft_ms"] > 0
+    # Prefill apart from decode: every token but each answer's first is decode's.
+    assert 0 < metrics["prefill_s"] < metrics["measured_s"]
+    assert metrics["prefill_s"] + metrics["decode_s"] == pytest.approx(metrics["measured_s"])
+    assert metrics["decode_tokens"] == metrics["tokens_out"] - 3
     samples = run.of_type("sample")
     assert sum(s.extra["tokens_out"] for s in samples) == metrics["tokens_out"]
     for sample in samples:

@@ -31,6 +31,8 @@ class Completed:
     tokens_out: int
     ttft_s: float | None = None
     """Seconds from the start of this request's batch to its first generated token."""
+    batch: int | None = None
+    """Which engine batch answered it (requests of one batch share one prefill, ``ttft_s``)."""
 
 
 class Engine(ABC):

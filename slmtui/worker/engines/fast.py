@@ -746,6 +746,7 @@ class FastEngine(PlainEngine):
                     tokens_in=completed.tokens_in,
                     tokens_out=completed.tokens_out,
                     ttft_s=completed.ttft_s,
+                    batch=start,
                 )
             start += len(batch)
 

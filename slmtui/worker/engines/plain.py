@@ -113,6 +113,7 @@ class PlainEngine(Engine):
                     tokens_in=completed.tokens_in,
                     tokens_out=completed.tokens_out,
                     ttft_s=completed.ttft_s,
+                    batch=start,
                 )
             start += len(batch)
 
