@@ -144,6 +144,18 @@ class InspectScreen(Screen[None]):
             value = m.get(key)
             share = f" ({value / total:.0%})" if isinstance(value, int | float) and total else ""
             timing.add_row(label, num(value, 2, "s") + share)
+        measured = m.get("measured_s")
+        for key, label, rate, rate_label in (
+            ("prefill_s", "  prefill", "prefill_tokens_per_s", "prompt tokens/s"),
+            ("decode_s", "  decode", "decode_tokens_per_s", "tokens/s"),
+        ):
+            value = m.get(key)
+            if isinstance(value, int | float) and isinstance(measured, int | float) and measured:
+                timing.add_row(
+                    label,
+                    f"{num(value, 2, 's')} ({value / measured:.0%} of measured) · "
+                    f"{num(m.get(rate), 1, rate_label)}",
+                )
         parts += [
             Text("\nTiming (THR and LAT use the measured part only)", style="bold underline"),
             timing,
