@@ -120,7 +120,18 @@ def dispatch(args: argparse.Namespace) -> int:
             return run_headless(args)
         from slmtui.ui import launch
 
-        return launch(args.profile, db=args.db, limit=args.limit)
+        if args.rerun:
+            raise UserError(
+                "--rerun: applies to --headless; the console asks at launch whether to run "
+                "stored runs again"
+            )
+        return launch(
+            args.profile,
+            db=args.db,
+            limit=args.limit,
+            data_dir=args.data_dir,
+            timeout_s=args.timeout,
+        )
     if args.command == "report":
         from slmtui.reports.commands import report_command
 

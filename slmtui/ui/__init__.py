@@ -6,12 +6,15 @@ Importing this package imports nothing heavy: Textual and the engine load inside
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def launch(
     profile_path: str | os.PathLike[str] | None,
     db: str | os.PathLike[str] | None = None,
     limit: int | None = None,
+    data_dir: str | None = None,
+    timeout_s: float | None = None,
 ) -> int:
     """Open the console on a profile (``None``: the embedded default); the exit code."""
     from slmtui import paths
@@ -22,13 +25,27 @@ def launch(
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: must be an integer >= 1")
+    if timeout_s is not None and not timeout_s > 0:
+        raise UserError(f"--timeout {timeout_s:g}: must be a number of seconds > 0")
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise UserError(
+            f"--data-dir {data_dir}: no such directory; give a folder of <task>/*.jsonl files"
+        )
     profile = load_profile(profile_path) if profile_path else embedded_default()
     gpus = detect_gpus()
     store = Store(db if db is not None else paths.default_db_path())
     scheduler = Scheduler(store, inventory=gpus)
     from slmtui.ui.app import SlmApp
 
-    app = SlmApp(store=store, scheduler=scheduler, profile=profile, gpus=gpus, limit=limit)
+    app = SlmApp(
+        store=store,
+        scheduler=scheduler,
+        profile=profile,
+        gpus=gpus,
+        limit=limit,
+        data_dir=str(Path(data_dir).expanduser().resolve()) if data_dir else None,
+        timeout_s=timeout_s,
+    )
     try:
         code = app.run()
     finally:

@@ -135,6 +135,8 @@ class SlmApp(App[int]):
         profile: Profile,
         gpus: Sequence[Gpu] = (),
         limit: int | None = None,
+        data_dir: str | None = None,
+        timeout_s: float | None = None,
         export_dir: Path | None = None,
         progress_interval_s: float = 1.0,
     ) -> None:
@@ -146,7 +148,10 @@ class SlmApp(App[int]):
         self.gpus = list(gpus)
         self.limit = limit
         self.export_dir = export_dir or Path.cwd()
-        self.selection = Selection.from_profile(profile, gpus_available=len(self.gpus))
+        self.selection = Selection.from_profile(
+            profile, gpus_available=len(self.gpus), data_dir=data_dir
+        )
+        self.selection.timeout_s = timeout_s
         self.board = Board(lookup=self._spec_of)
         self.bridge = Bridge(self.post_message, interval_s=progress_interval_s)
         self.started_at = time.perf_counter()

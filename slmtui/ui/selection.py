@@ -70,9 +70,15 @@ class Selection:
     gpus_available: int = 0
     notes: list[str] = field(default_factory=list)
     """What loading had to change (GPU counts the box lacks), for the user."""
+    data_dir: str | None = None
+    """The command line's ``--data-dir``: every run's data folder (it is part of a run's key)."""
+    timeout_s: float | None = None
+    """The command line's ``--timeout``: every run's wall-clock limit."""
 
     @classmethod
-    def from_profile(cls, profile: Profile, gpus_available: int = 0) -> Selection:
+    def from_profile(
+        cls, profile: Profile, gpus_available: int = 0, data_dir: str | None = None
+    ) -> Selection:
         """Every profile model selected; the five tasks listed, the profile's selected."""
         allowed = allowed_gpu_counts(gpus_available)
         s = profile.settings
@@ -104,7 +110,7 @@ class Selection:
             )
             for name in TASK_NAMES
         ]
-        return cls(profile, models, tasks, gpus_available, notes)
+        return cls(profile, models, tasks, gpus_available, notes, data_dir)
 
     # -- edits --------------------------------------------------------------------------------
 
@@ -201,7 +207,12 @@ class Selection:
 
     def specs(self, limit: int | None = None) -> list[RunSpec]:
         """The runs of the selection (``limit``: the command line's cap on samples)."""
-        return self.to_profile().runs(limit=limit, gpus_available=self.gpus_available)
+        specs = self.to_profile().runs(
+            limit=limit, data_dir=self.data_dir, gpus_available=self.gpus_available
+        )
+        if self.timeout_s is not None:
+            specs = [replace(spec, timeout_s=self.timeout_s) for spec in specs]
+        return specs
 
 
 def allowed_gpu_counts(gpus_available: int) -> tuple[int, ...]:
