@@ -325,10 +325,14 @@ class SlmApp(App[int]):
             choices.insert(0, ("new", f"Run the {n_new} new"))
 
         def chosen(answer: str | None) -> None:
+            # After the prompt is gone: the console's screen restores its focus (a Pick table)
+            # when it resumes, which would show Pick again over the Runs tab submit shows.
             if answer == "new":
-                self.submit(plan.to_run)
+                self.call_after_refresh(self.submit, plan.to_run)
             elif answer == "all":
-                self.submit(plan_runs(specs, self.store, rerun=True).to_run)
+                self.call_after_refresh(
+                    self.submit, plan_runs(specs, self.store, rerun=True).to_run
+                )
 
         self.push_screen(
             ChoiceScreen(
