@@ -72,7 +72,7 @@ from slmtui.tasks.base import (
     LoglikelihoodResponse,
 )
 from slmtui.worker.engines.base import Completed
-from slmtui.worker.engines.plain import PlainEngine, _first_stop, is_oom
+from slmtui.worker.engines.plain import PlainEngine, _first_stop, is_oom, warmup_generations
 
 ATTENTION_NAME = "slmtui_fast"
 DECODE_ATTENTIONS = ("gqa", "expand", "grouped", "sdpa")
@@ -81,7 +81,6 @@ CHECK_EVERY_TOKENS = 16
 """Decode steps between host-side stop checks (one device sync each)."""
 CAPACITY_STEP = 64
 """The KV cache's capacity (tokens per row) is rounded up to a multiple of this."""
-WARMUP_MAX_NEW_TOKENS = 8
 
 
 @dataclass
@@ -699,11 +698,7 @@ class FastEngine(PlainEngine):
                 for rows in reversed(self._buckets()):  # largest first: the rest reuse its pool
                     if rows not in self._graphs:
                         self._capture(rows)
-            short = [
-                GenerateRequest(r.prompt, min(r.max_new_tokens, WARMUP_MAX_NEW_TOKENS), r.stop)
-                for r in generate
-            ]
-            for _ in self.generate(short):
+            for _ in self.generate(warmup_generations(generate)):
                 pass
         for _ in self.loglikelihood(loglikelihood):
             pass
@@ -727,28 +722,12 @@ class FastEngine(PlainEngine):
         longest = max(len(e) for e in encoded)
         budget = max(r.max_new_tokens for r in requests)
         self._ensure_capacity(min(self.max_length, longest + budget))
-        start = 0
-        while start < len(order):
-            batch = order[start : start + self.batch_size]
-            try:
-                done = list(
-                    self._generate_batch([requests[i] for i in batch], [encoded[i] for i in batch])
-                )
-            except Exception as exc:
-                if not is_oom(exc) or self.batch_size == 1:
-                    raise
-                self._halve_batch(exc)
-                continue
-            for row, completed in done:
-                yield Completed(
-                    index=batch[row],
-                    response=completed.response,
-                    tokens_in=completed.tokens_in,
-                    tokens_out=completed.tokens_out,
-                    ttft_s=completed.ttft_s,
-                    batch=start,
-                )
-            start += len(batch)
+        yield from self._in_batches(
+            order,
+            lambda batch: self._generate_batch(
+                [requests[i] for i in batch], [encoded[i] for i in batch]
+            ),
+        )
 
     def _fallback_token(self) -> int:
         token = self.tokenizer.bos_token_id

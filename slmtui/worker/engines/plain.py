@@ -30,7 +30,8 @@ On an out-of-memory error the batch size halves and the batch is retried (down t
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -45,6 +46,14 @@ from slmtui.worker.engines.base import Completed, Engine
 
 WARMUP_MAX_NEW_TOKENS = 8
 """Warm-up generations stop here: enough to touch every kernel of prefill and decode."""
+
+
+def warmup_generations(requests: Sequence[GenerateRequest]) -> list[GenerateRequest]:
+    """The requests capped at ``WARMUP_MAX_NEW_TOKENS``: warm-up touches every path, briefly."""
+    return [
+        GenerateRequest(r.prompt, min(r.max_new_tokens, WARMUP_MAX_NEW_TOKENS), r.stop)
+        for r in requests
+    ]
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -77,11 +86,7 @@ class PlainEngine(Engine):
         loglikelihood: Sequence[LoglikelihoodRequest],
     ) -> None:
         """Run the given requests once (generation capped at a few tokens)."""
-        short = [
-            GenerateRequest(r.prompt, min(r.max_new_tokens, WARMUP_MAX_NEW_TOKENS), r.stop)
-            for r in generate
-        ]
-        for _ in self.generate(short):
+        for _ in self.generate(warmup_generations(generate)):
             pass
         for _ in self.loglikelihood(loglikelihood):
             pass
@@ -93,28 +98,32 @@ class PlainEngine(Engine):
             return
         encoded = [self._encode(r.prompt) for r in requests]
         order = sorted(range(len(requests)), key=lambda i: -len(encoded[i]))
+        yield from self._in_batches(
+            order,
+            lambda batch: enumerate(
+                self._generate_batch([requests[i] for i in batch], [encoded[i] for i in batch])
+            ),
+        )
+
+    def _in_batches(
+        self,
+        order: list[int],
+        answer: Callable[[list[int]], Iterable[tuple[int, Completed]]],
+    ) -> Iterator[Completed]:
+        """Answer the requests ``order`` lists, ``batch_size`` at a time, halving the batch
+        size after an out-of-memory error. ``answer(batch)`` gives (row in batch, Completed)."""
         start = 0
         while start < len(order):
-            size = self.batch_size
-            batch = order[start : start + size]
+            batch = order[start : start + self.batch_size]
             try:
-                done = self._generate_batch(
-                    [requests[i] for i in batch], [encoded[i] for i in batch]
-                )
+                done = list(answer(batch))
             except Exception as exc:
                 if not is_oom(exc) or self.batch_size == 1:
                     raise
                 self._halve_batch(exc)
                 continue
-            for index, completed in zip(batch, done, strict=True):
-                yield Completed(
-                    index=index,
-                    response=completed.response,
-                    tokens_in=completed.tokens_in,
-                    tokens_out=completed.tokens_out,
-                    ttft_s=completed.ttft_s,
-                    batch=start,
-                )
+            for row, completed in done:
+                yield replace(completed, index=batch[row], batch=start)
             start += len(batch)
 
     def _generate_batch(
