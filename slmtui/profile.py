@@ -324,6 +324,23 @@ def _show(value: Any) -> str:
         return repr(value)
 
 
+def check_overrides(
+    limit: int | None = None,
+    timeout_s: float | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> None:
+    """The command line's overrides of a profile (``slmtui run``, headless or console), checked
+    before anything is opened or written."""
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: must be an integer >= 1")
+    if timeout_s is not None and not timeout_s > 0:
+        raise UserError(f"--timeout {timeout_s:g}: must be a number of seconds > 0")
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise UserError(
+            f"--data-dir {data_dir}: no such directory; give a folder of <task>/*.jsonl files"
+        )
+
+
 def load_profile(path: str | os.PathLike[str]) -> Profile:
     """Read and validate a profile file; UserError (one line) on any problem."""
     path = Path(path)

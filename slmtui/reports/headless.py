@@ -97,16 +97,9 @@ def run_headless(
 def _load_specs(args: argparse.Namespace) -> tuple[list[RunSpec], str]:
     """The profile's runs with the command line's overrides; every check that can fail."""
     limit = getattr(args, "limit", None)
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit {limit}: must be an integer >= 1")
     timeout_s = getattr(args, "timeout", None)
-    if timeout_s is not None and not timeout_s > 0:
-        raise UserError(f"--timeout {timeout_s:g}: must be a number of seconds > 0")
     data_dir = getattr(args, "data_dir", None)
-    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
-        raise UserError(
-            f"--data-dir {data_dir}: no such directory; give a folder of <task>/*.jsonl files"
-        )
+    profiles.check_overrides(limit, timeout_s, data_dir)
     if getattr(args, "db", None) and Path(args.db).expanduser().is_dir():
         raise UserError(f"--db {args.db}: is a directory; give a file path such as results.sqlite")
     path = getattr(args, "profile", None)

@@ -18,19 +18,11 @@ def launch(
 ) -> int:
     """Open the console on a profile (``None``: the embedded default); the exit code."""
     from slmtui import paths
-    from slmtui.errors import UserError
-    from slmtui.profile import embedded_default, load_profile
+    from slmtui.profile import check_overrides, embedded_default, load_profile
     from slmtui.scheduler import Scheduler, detect_gpus
     from slmtui.store import Store
 
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit {limit}: must be an integer >= 1")
-    if timeout_s is not None and not timeout_s > 0:
-        raise UserError(f"--timeout {timeout_s:g}: must be a number of seconds > 0")
-    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
-        raise UserError(
-            f"--data-dir {data_dir}: no such directory; give a folder of <task>/*.jsonl files"
-        )
+    check_overrides(limit, timeout_s, data_dir)
     profile = load_profile(profile_path) if profile_path else embedded_default()
     gpus = detect_gpus()
     store = Store(db if db is not None else paths.default_db_path())
