@@ -149,9 +149,8 @@ class SlmApp(App[int]):
         self.limit = limit
         self.export_dir = export_dir or Path.cwd()
         self.selection = Selection.from_profile(
-            profile, gpus_available=len(self.gpus), data_dir=data_dir
+            profile, gpus_available=len(self.gpus), data_dir=data_dir, timeout_s=timeout_s
         )
-        self.selection.timeout_s = timeout_s
         self.board = Board(lookup=self._spec_of)
         self.bridge = Bridge(self.post_message, interval_s=progress_interval_s)
         self.started_at = time.perf_counter()

@@ -77,7 +77,11 @@ class Selection:
 
     @classmethod
     def from_profile(
-        cls, profile: Profile, gpus_available: int = 0, data_dir: str | None = None
+        cls,
+        profile: Profile,
+        gpus_available: int = 0,
+        data_dir: str | None = None,
+        timeout_s: float | None = None,
     ) -> Selection:
         """Every profile model selected; the five tasks listed, the profile's selected."""
         allowed = allowed_gpu_counts(gpus_available)
@@ -110,7 +114,7 @@ class Selection:
             )
             for name in TASK_NAMES
         ]
-        return cls(profile, models, tasks, gpus_available, notes, data_dir)
+        return cls(profile, models, tasks, gpus_available, notes, data_dir, timeout_s)
 
     # -- edits --------------------------------------------------------------------------------
 

@@ -12,8 +12,7 @@ from slmtui.ui.selection import Selection
 
 
 def test_data_dir_and_timeout_reach_every_run_of_the_selection(tmp_path: Path) -> None:
-    selection = Selection.from_profile(embedded_default(), data_dir=str(tmp_path))
-    selection.timeout_s = 90.0
+    selection = Selection.from_profile(embedded_default(), data_dir=str(tmp_path), timeout_s=90.0)
     specs = selection.specs(limit=2)
     assert specs and all(s.data_dir == str(tmp_path.resolve()) for s in specs)
     assert all(s.timeout_s == 90.0 and s.options.limit == 2 for s in specs)
