@@ -246,6 +246,8 @@ def _ended_line(state: RunState) -> Text:
     if state.status == "finished":
         speed, latency = _speed_cells(state)
         parts = [f"acc {_accuracy_cell(state)}", speed, latency, f"{_memory_cell(state)} MB"]
+        if (state.metrics or {}).get("engine_fallback"):
+            parts.append(f"ran {state.metrics['engine']}: {state.metrics['engine_fallback']}")
         return Text(f"✓ {state.label}: " + ", ".join(p for p in parts if p.strip()) + took, "green")
     error = state.error
     why = f"{error.reason}: {error.message}" if error else state.status
@@ -259,6 +261,9 @@ def _print_per(results: list[ResultRow], out: Console, *, title: str) -> None:
     built = build_per_inputs(results)
     for note in built.notes:
         out.print(Text(f"note: {note}", style="dim"))
+    for row in results:
+        if fallback := (row.metrics or {}).get("engine_fallback"):
+            out.print(Text(f"note: {row.model} · {row.task} ran plain: {fallback}", style="yellow"))
     if built.inputs:
         render_per_tables(compute_per(built.inputs), out, title=title)
 

@@ -169,7 +169,7 @@ class InspectScreen(Screen[None]):
             ("GPUs", "CPU" if spec.gpus == 0 else f"{spec.gpus} ({spec.parallel})"),
             ("dtype", spec.dtype),
             ("batch size", str(spec.batch_size)),
-            ("engine", spec.engine),
+            ("engine", _engine_line(spec.engine, m)),
             ("limit", str(spec.options.limit or "all")),
             ("few-shot", _opt(spec.options.num_fewshot)),
             ("mode", _opt(spec.options.mode or m.get("mode"))),
@@ -221,6 +221,14 @@ def _grid() -> Table:
 def _short(text: str, width: int = 60) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _engine_line(requested: str, metrics: dict) -> str:
+    """The engine that ran, and why when it is not the one the spec asked for."""
+    fallback = metrics.get("engine_fallback")
+    if not fallback:
+        return str(metrics.get("engine") or requested)
+    return f"{metrics.get('engine')} (asked: {requested}) — {fallback}"
 
 
 def _opt(value: object) -> str:
