@@ -223,7 +223,8 @@ def _factor_weights(
             )
         if name not in result:
             raise UserError(
-                f"PER weight for '{name}' given but {name} is not a factor; turn {name} on to use it"
+                f"PER weight for '{name}' given but {name} is not a factor; "
+                f"turn {name} on to use it"
             )
         if isinstance(weight, bool) or not isinstance(weight, int | float):
             raise UserError(f"PER weight for '{name}' must be a number >= 0, got {weight!r}")

@@ -329,7 +329,7 @@ def test_co2_is_a_factor_like_energy():
 
 
 def test_unknown_rank_by_is_a_user_error():
-    with pytest.raises(UserError, match="rank by 'rel'.*allowed: 'per' or 'per_rel'"):
+    with pytest.raises(UserError, match=r"rank by 'rel'.*allowed: 'per' or 'per_rel'"):
         compute_per(THREE, rank_by="rel")
 
 
