@@ -53,6 +53,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from slmtui.errors import UserError, allowed_list, did_you_mean
 
@@ -109,6 +110,8 @@ class PerInput:
     """"tokens/s" or "samples/s" when known; for display only."""
     co2_g: float | None = None
     """Grams CO2e per unit of work (like ``energy_j``); only used with co2."""
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    """Figures carried for display and export, untouched by PER (``co2_run_g``, ...)."""
 
 
 @dataclass(frozen=True)
@@ -127,13 +130,13 @@ class PerRow:
     rank: int
     co2_n: float | None = None
     """``None`` unless PER was computed with co2."""
-    ratios: Mapping[str, float] = field(default_factory=dict)
+    ratios: Mapping[str, float] = field(default_factory=dict, hash=False)
     """PER-rel's factors by name: each metric as a ratio to the task's best (1.0 = best)."""
     per_rel: float = 0.0
     """PER-rel: the weighted geometric mean of ``ratios``."""
     rank_rel: int = 1
     """Rank by PER-rel within the task."""
-    weights: Mapping[str, float] = field(default_factory=dict)
+    weights: Mapping[str, float] = field(default_factory=dict, hash=False)
     """The weight of each factor in play (0 drops it)."""
 
     def score(self, by: str = "per") -> float:
