@@ -370,8 +370,6 @@ class Lead:
 
     leader: PerRow
     runner_up: PerRow
-    by: str
-    """The score compared: "per" or "per_rel"."""
     factor: str | None
     """The factor that adds most to the leader's PER-rel over the runner-up's (``None``: tie)."""
     factor_ratio: float
@@ -381,24 +379,26 @@ class Lead:
     """Leader's PER-rel over the runner-up's (inf when the runner-up's is 0)."""
 
     def sentence(self) -> str:
-        """ "alpha leads beta: throughput decides (2.00×; PER-rel 1.41× beta's)"."""
+        """ "By PER-rel, alpha leads beta: throughput decides (2.00× better; ...)"."""
         a, b = self.leader.model, self.runner_up.model
         if self.factor is None:
             return f"{a} and {b} tie on every factor"
         times = "∞" if math.isinf(self.score_ratio) else f"{self.score_ratio:.2f}×"
+        factor = "∞" if math.isinf(self.factor_ratio) else f"{self.factor_ratio:.2f}×"
         return (
-            f"{a} leads {b}: {self.factor} decides ({self.factor_ratio:.2f}× better; "
+            f"By PER-rel, {a} leads {b}: {self.factor} decides ({factor} better; "
             f"PER-rel {times} {b}'s)"
         )
 
 
-def lead(task_rows: Sequence[PerRow], by: str = "per") -> Lead | None:
-    """The deciding factor between the two best rows of one task by ``by`` (None: < 2 rows).
+def lead(task_rows: Sequence[PerRow]) -> Lead | None:
+    """Which factor decides between the two best rows of one task by PER-rel (None: < 2 rows).
 
     PER-rel is a product of ratios, so ``log(PER-rel_a / PER-rel_b)`` is the weighted sum of the
-    factors' log ratios; the factor with the largest share in the leader's favour decides.
+    factors' log ratios; the factor with the largest share in the leader's favour decides. (The
+    study's PER cannot say this: with two models both are often 0.)
     """
-    ranked = sorted(task_rows, key=lambda r: (r.rank_by(by), task_rows.index(r)))
+    ranked = sorted(task_rows, key=lambda r: (r.rank_rel, task_rows.index(r)))
     if len(ranked) < 2:
         return None
     a, b = ranked[0], ranked[1]
@@ -416,7 +416,6 @@ def lead(task_rows: Sequence[PerRow], by: str = "per") -> Lead | None:
     return Lead(
         leader=a,
         runner_up=b,
-        by=by,
         factor=None if all(s == 0 for s, _ in shares) else factor,
         factor_ratio=math.inf if rb == 0 else ra / rb,
         score_ratio=math.inf if b.per_rel == 0 else a.per_rel / b.per_rel,

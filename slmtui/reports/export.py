@@ -274,7 +274,7 @@ def to_markdown(rows: Sequence[PerRow], *, by: str = "per") -> str:
         ]
         align = "rlrrrr" + ("r" if energy else "") + ("rr" if carbon else "") + "rrll"
         lines += [f"## {_md_escape(task)}", "", *_md_table(header, align, body), ""]
-        if (found := lead(task_rows, by)) is not None:
+        if (found := lead(task_rows)) is not None:
             lines += [found.sentence(), ""]
     tasks = list(group_by_task(rows))
     if len(tasks) > 1:

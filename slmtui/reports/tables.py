@@ -164,7 +164,7 @@ def render_per_tables(
     factors = console.width >= FACTORS_MIN_WIDTH
     for task, task_rows in groups.items():
         console.print(task_table(task, task_rows, factors=factors, by=by))
-        if (found := lead(task_rows, by)) is not None:
+        if (found := lead(task_rows)) is not None:
             console.print(Text(found.sentence(), style="italic"))
     if len(groups) > 1:
         console.print(overview_table(rows, by))

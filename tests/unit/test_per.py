@@ -270,13 +270,13 @@ def test_two_models_get_zero_per_but_a_nonzero_per_rel():
 
 
 def test_lead_names_the_factor_that_decides():
-    found = lead(compute_per(TWO, rank_by="per_rel"), by="per_rel")
+    found = lead(compute_per(TWO))  # rows in PER order (a tie at 0): lead still compares PER-rel
     assert found is not None
     assert (found.leader.model, found.runner_up.model) == ("Y", "X")
     assert found.factor == "latency"
     assert found.factor_ratio == pytest.approx(2.5)
     assert found.score_ratio == pytest.approx(0.945742 / 0.588566, abs=1e-5)
-    assert found.sentence().startswith("Y leads X: latency decides (2.50× better")
+    assert found.sentence().startswith("By PER-rel, Y leads X: latency decides (2.50× better")
     assert result_limiting(TWO) == {"X": "latency", "Y": "accuracy"}
     assert lead(compute_per(TWO[:1])) is None
 
