@@ -1,0 +1,30 @@
+"""A chart drawn in terminal cells (``slmtui.reports.plots.chart_text``), redrawn on resize."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widget import Widget
+
+from slmtui.reports.plots import Chart, chart_text
+
+
+class PlotView(Widget):
+    """Shows one ``Chart``; ``show`` swaps it. Sized by its container (the Rank tab's body)."""
+
+    DEFAULT_CSS = """
+    PlotView { height: 1fr; padding: 0 1; }
+    """
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.chart: Chart | None = None
+
+    def show(self, chart: Chart | None) -> None:
+        self.chart = chart
+        self.refresh()
+
+    def render(self) -> Text:
+        if self.chart is None:
+            return Text("Nothing to plot yet.", style="dim")
+        size = self.content_size
+        return chart_text(self.chart, max(size.width, 20), max(size.height, 8))
