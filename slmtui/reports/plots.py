@@ -255,7 +255,8 @@ def _scatter_text(chart: Chart, width: int, height: int) -> Text:
         return out
     legend_rows = len(points) + 1 + len(chart.notes)
     plot_h = max(4, height - legend_rows - 4)
-    y_labels = [format_tick(t) for t in _Axis.of([p.y for p in points], log=False).ticks(3)]
+    y_count = max(4, plot_h // 2)
+    y_labels = [format_tick(t) for t in _Axis.of([p.y for p in points], log=False).ticks(y_count)]
     gutter = max(len(s) for s in y_labels) + 1
     plot_w = max(10, width - gutter - 1)
     xa = _Axis.of([p.x for p in points], log=chart.x_log)
@@ -288,7 +289,7 @@ def _scatter_text(chart: Chart, width: int, height: int) -> Text:
             letter = "+"  # points sharing a cell
         marks[cell] = (letter, FRONT_STYLE if p.front else POINT_STYLE)
 
-    tick_rows = {round((1 - ya.fraction(t)) * (plot_h - 1)): t for t in ya.ticks(3)}
+    tick_rows = {round((1 - ya.fraction(t)) * (plot_h - 1)): t for t in ya.ticks(y_count)}
     for r in range(plot_h):
         label = format_tick(tick_rows[r]) if r in tick_rows else ""
         out.append(label.rjust(gutter - 1) + " ┤" if label else " " * gutter + "│", style="dim")
@@ -303,7 +304,7 @@ def _scatter_text(chart: Chart, width: int, height: int) -> Text:
         out.append("\n")
     out.append(" " * gutter + "└" + "─" * plot_w + "\n", style="dim")
     axis = [" "] * plot_w
-    for t in xa.ticks(4 if plot_w > 40 else 3):
+    for t in xa.ticks(max(3, plot_w // 10)):
         text = format_tick(t)
         at = round(xa.fraction(t) * (plot_w - 1)) - len(text) // 2
         at = max(0, min(plot_w - len(text), at))

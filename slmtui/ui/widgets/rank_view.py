@@ -356,7 +356,7 @@ class RankView(Vertical):
             other = SCORE_LABELS["per" if self.rank_by == "per_rel" else "per_rel"]
             note.append(f"Ranked by {label}", style="bold")
             note.append(
-                f" (n: {other}), relative to the {models} model{'s' * (models != 1)} in view. "
+                f"  (n: {other}), relative to the {models} model{'s' * (models != 1)} in view. "
                 "PER is 0 for a model worst on any factor; PER-rel divides each by the best.\n"
             )
             found = None
