@@ -21,7 +21,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 from rich.text import Text
 
@@ -343,6 +342,11 @@ def _bars_text(chart: Chart, width: int, height: int) -> Text:
     if len(bars) < len(chart.bars):
         out.append(f"… {len(chart.bars) - len(bars)} more (taller terminal)\n", style="dim")
     return out
+
+
+def escape(text: str) -> str:
+    """Text for SVG content (what xml.sax.saxutils.escape does, without importing xml.sax)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 # -- SVG ------------------------------------------------------------------------------------------

@@ -1,11 +1,18 @@
-"""A chart drawn in terminal cells (``slmtui.reports.plots.chart_text``), redrawn on resize."""
+"""A chart drawn in terminal cells (``slmtui.reports.plots.chart_text``), redrawn on resize.
+
+The plotting module is imported on first draw: most sessions never open a plot, and the
+console's cold start is measured (``scripts/cold_start.py``).
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual.widget import Widget
 
-from slmtui.reports.plots import Chart, chart_text
+if TYPE_CHECKING:
+    from slmtui.reports.plots import Chart
 
 
 class PlotView(Widget):
@@ -26,5 +33,7 @@ class PlotView(Widget):
     def render(self) -> Text:
         if self.chart is None:
             return Text("Nothing to plot yet.", style="dim")
+        from slmtui.reports.plots import chart_text
+
         size = self.content_size
         return chart_text(self.chart, max(size.width, 20), max(size.height, 8))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rich.text import Text
 from textual import on
@@ -25,11 +25,13 @@ from slmtui.errors import UserError
 from slmtui.per import SCORE_LABELS, PerRow, compute_per, lead, summarise_models
 from slmtui.reports.commands import build_per_inputs
 from slmtui.reports.export import group_by_task, latency_unit
-from slmtui.reports.plots import Chart, overview_chart, task_charts
 from slmtui.store import ResultRow
 from slmtui.ui.cells import num
 from slmtui.ui.tables import fill_table
 from slmtui.ui.widgets.plot_view import PlotView
+
+if TYPE_CHECKING:
+    from slmtui.reports.plots import Chart
 
 OVERVIEW = "overview"
 _CARBON = ("co2_run_g", "co2_per_1k_tokens_g", "co2_per_correct_g")
@@ -477,6 +479,8 @@ class RankView(Vertical):
 
     def charts(self) -> list[Chart]:
         """The charts of the current view: the overview's bars, or a task's scatters."""
+        from slmtui.reports.plots import overview_chart, task_charts
+
         if not self.per_rows:
             return []
         if self.view == OVERVIEW:
