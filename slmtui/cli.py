@@ -101,7 +101,7 @@ def add_per_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--rank-by",
-        choices=("per", "per-rel"),
+        metavar="{per,per-rel}",
         default="per",
         help="order and rank by the study's PER (default) or PER-rel (ratios to the best)",
     )

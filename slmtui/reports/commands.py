@@ -428,9 +428,11 @@ def per_options(args: argparse.Namespace) -> dict[str, Any]:
             weights[name] = float(raw)
         except ValueError:
             raise UserError(f"--weight '{item}': '{raw.strip()}' is not a number") from None
-    rank_by = (getattr(args, "rank_by", None) or "per").replace("-", "_")
+    given = getattr(args, "rank_by", None) or "per"
+    rank_by = given.strip().lower().replace("-", "_")
     if rank_by not in SCORE_LABELS:
-        raise UserError(f"--rank-by '{rank_by}': allowed: 'per' or 'per-rel'")
+        hint = did_you_mean(given, ("per", "per-rel"))
+        raise UserError(f"--rank-by '{given}'{hint}; allowed: 'per' or 'per-rel'")
     return {
         "energy": bool(getattr(args, "energy", False)),
         "co2": bool(getattr(args, "co2", False)),

@@ -154,3 +154,18 @@ def test_markdown_output(tmp_path: Path, capsys):
     assert "## gsm8k" in out
     assert "| 1 | B | 0.600 | 250.0 | 4.00 | 800 | 0.760 | 0.931 | accuracy | yes |" in out
     assert "B leads A: latency decides (2.00× better" in out
+
+
+def test_rank_by_per_rel_and_a_bad_value(tmp_path: Path, capsys):
+    path = str(write(tmp_path, GOOD))
+    code, out, _ = run(capsys, "per", path, "--rank-by", "per-rel", "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    # hand-worked in test_per.py: PER-rel B 0.930605 > A 0.668740 > C 0.359304
+    assert code == 0 and [(r["model"], r["rank_rel"]) for r in rows] == [
+        ("B", "1"),
+        ("A", "2"),
+        ("C", "3"),
+    ]
+    code, _, err = run(capsys, "per", path, "--rank-by", "per_rell")
+    assert code == 2 and err.count("\n") == 1
+    assert "--rank-by 'per_rell' (did you mean 'per-rel'?); allowed: 'per' or 'per-rel'" in err

@@ -141,3 +141,13 @@ def test_png_without_matplotlib_is_a_clear_error(tmp_path: Path, store: Store, c
     fill(store)
     code, _, err = report(capsys, store.path, "--plot", str(tmp_path / "x.png"))
     assert code == 2 and "PNG needs matplotlib (pip install matplotlib)" in err
+
+
+def test_png_files_when_matplotlib_is_installed(tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    written = plots.write_plots(ROWS, str(tmp_path / "out"))
+    pngs = [p for p in written if p.suffix == ".png"]
+    assert {p.name for p in pngs} == {"overview.png", "gsm8k-throughput.png", "gsm8k-energy.png"}
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
+    one = plots.write_plots(ROWS, str(tmp_path / "all.png"))
+    assert one[0].read_bytes().startswith(b"\x89PNG")
