@@ -93,7 +93,7 @@ def _read_export(path: Path) -> list[dict[str, Any]]:
 def _read_store(path: Path) -> tuple[list[dict[str, Any]], dict[str, list[SampleRow]]]:
     """Every run and sample of another store, read-only (the file is not migrated or changed)."""
     from slmtui.store.schema import SCHEMA_VERSION
-    from slmtui.store.store import _export_record
+    from slmtui.store.store import run_record
 
     try:
         conn = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
@@ -108,7 +108,7 @@ def _read_store(path: Path) -> tuple[list[dict[str, Any]], dict[str, list[Sample
             )
         cursor = conn.execute("SELECT * FROM runs ORDER BY queued_at, rowid")
         names = [d[0] for d in cursor.description]
-        records = [_export_record(dict(zip(names, r, strict=True))) for r in cursor.fetchall()]
+        records = [run_record(dict(zip(names, r, strict=True))) for r in cursor.fetchall()]
         samples: dict[str, list[SampleRow]] = {}
         for r in conn.execute(
             "SELECT run_id, idx, item_id, prompt, output, gold, score, extra_json FROM samples"

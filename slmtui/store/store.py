@@ -371,7 +371,7 @@ class Store:
                 rows += self._select(
                     f"SELECT * FROM runs WHERE run_id IN ({', '.join('?' * len(chunk))})", chunk
                 )
-        return {r["run_id"]: _export_record(r) for r in rows}
+        return {r["run_id"]: run_record(r) for r in rows}
 
     def import_runs(
         self,
@@ -555,7 +555,7 @@ _RUN_COLUMNS: dict[str, tuple[type, ...]] = {
 """The runs table's plain columns and the JSON types an imported record may give them."""
 
 
-def _export_record(r: Mapping[str, Any]) -> dict[str, Any]:
+def run_record(r: Mapping[str, Any]) -> dict[str, Any]:
     """A runs-table row with its JSON columns as objects (``spec``, ``hardware``, ``metrics``)."""
     out = {k: v for k, v in r.items() if k not in _JSON_COLUMNS}
     for column, key in _JSON_COLUMNS.items():
