@@ -35,7 +35,8 @@ PER-rel, the companion for small sets (two or three models), is computed beside 
 row. Each factor is a ratio to the best row of the task: ``x / max`` for accuracy and
 throughput, ``min / x`` for latency, memory, energy and CO2. The same weighted geometric mean
 combines them. So a row best on every factor gets 1.0, a row is 0 only when it scores exactly 0
-on accuracy (or throughput) while another row scores more, and adding a dominated row changes
+on accuracy (or throughput) while another row scores more, or when another row's cost is exactly
+0 (a cost of 0 is the best, and nothing divides by it), and adding a dominated row changes
 no other row's PER-rel (the best values stay the same). ``log_scale`` does not apply to it:
 ratios are already free of scale. ``rank_by="per_rel"`` orders and ranks rows by it; both
 ranks are always filled (``rank`` and ``rank_rel``).

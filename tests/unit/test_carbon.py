@@ -118,3 +118,11 @@ def test_report_shows_co2_and_flag_errors_are_one_line(tmp_path: Path, store: St
     code = main(["report", "--db", str(store.path), "--carbon-intensity", "lots"])
     _, err = capsys.readouterr()
     assert code == 2 and err.count("\n") == 1 and "--carbon-intensity 'lots'" in err
+
+
+def test_saved_profile_keeps_the_carbon_intensity(tmp_path: Path):
+    from slmtui.profile import save_profile
+
+    profile = parse_profile(PROFILE.format('"FR"'), label="p.toml", path=tmp_path / "p.toml")
+    saved = save_profile(profile, tmp_path / "copy.toml")
+    assert saved.settings.carbon_intensity == "FR" and saved.settings.grid.g_per_kwh == 56
