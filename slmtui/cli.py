@@ -60,8 +60,8 @@ def build_parser(console_profile: bool = False) -> argparse.ArgumentParser:
     report.add_argument(
         "--plot",
         metavar="DIR_OR_FILE",
-        help="also write plots: a folder (one SVG per task and chart, PNG too with matplotlib) "
-        "or one .svg/.png file (the overview bar chart)",
+        help="also write plots: a folder (one SVG per chart, PNG too with matplotlib) "
+        "or one .svg/.png file (every chart stacked)",
     )
     add_per_options(report)
 
@@ -91,7 +91,7 @@ def add_per_options(parser: argparse.ArgumentParser) -> None:
         "--weight",
         action="append",
         metavar="FACTOR=W",
-        help="weight a PER factor (accuracy, throughput, latency, memory, energy); repeatable",
+        help="weight a PER factor (accuracy, throughput, latency, memory, energy, co2); repeatable",
     )
     parser.add_argument(
         "--log-scale", action="store_true", help="normalise log10 of throughput, latency, memory"
