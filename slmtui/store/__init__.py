@@ -3,6 +3,7 @@
 from slmtui.store.store import (
     RUN_STATUSES,
     TERMINAL_STATUSES,
+    ImportResult,
     ResultRow,
     RunRow,
     RunStatus,
@@ -13,6 +14,7 @@ from slmtui.store.store import (
 __all__ = [
     "RUN_STATUSES",
     "TERMINAL_STATUSES",
+    "ImportResult",
     "ResultRow",
     "RunRow",
     "RunStatus",

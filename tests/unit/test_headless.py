@@ -14,6 +14,7 @@ from rich.console import Console
 
 from slmtui import profile as profiles
 from slmtui.cli import main
+from slmtui.profile import Settings
 from slmtui.reports.headless import progress_table, run_headless
 from slmtui.scheduler import RunState, worker_command
 from slmtui.spec import ModelRef, RunSpec, TaskOptions
@@ -60,6 +61,7 @@ class FakeProfile:
     """Stands in for a loaded profile: its runs are built here, not from TOML."""
 
     name = "fake"
+    settings = Settings()
 
     def __init__(self, specs: list[RunSpec]) -> None:
         self.specs = specs
