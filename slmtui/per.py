@@ -65,6 +65,8 @@ BASE_FACTORS: tuple[str, ...] = FACTORS[:4]
 RANK_BY: tuple[str, ...] = ("per", "per_rel")
 """Scores that can order and rank rows: the study's PER, or PER-rel (ratios to the best)."""
 SCORE_LABELS = {"per": "PER", "per_rel": "PER-rel"}
+SMALL_SET = 4
+"""Fewer models than this on every task is a small set: ``automatic_rank_by`` picks PER-rel."""
 
 _HIGHER_IS_BETTER = {
     "accuracy": True,
@@ -390,6 +392,18 @@ class Lead:
             f"By PER-rel, {a} leads {b}: {self.factor} decides ({factor} better; "
             f"PER-rel {times} {b}'s)"
         )
+
+
+def automatic_rank_by(inputs: Iterable[PerInput]) -> str:
+    """The score a view ranks by when the user has not chosen: "per_rel" for a small set (fewer
+    than ``SMALL_SET`` models on every task, where the study's PER gives 0 to any model worst on
+    one factor and so usually ranks nothing), else the study's "per"."""
+    counts: dict[str, set[str]] = {}
+    for given in inputs:
+        counts.setdefault(given.task, set()).add(given.model)
+    if counts and max(len(models) for models in counts.values()) < SMALL_SET:
+        return "per_rel"
+    return "per"
 
 
 def lead(task_rows: Sequence[PerRow]) -> Lead | None:

@@ -22,7 +22,15 @@ from textual.widgets import DataTable, Input, Static, Tab, Tabs
 
 from slmtui.carbon import Grid
 from slmtui.errors import UserError
-from slmtui.per import SCORE_LABELS, PerRow, compute_per, lead, summarise_models
+from slmtui.per import (
+    SCORE_LABELS,
+    SMALL_SET,
+    PerRow,
+    automatic_rank_by,
+    compute_per,
+    lead,
+    summarise_models,
+)
 from slmtui.reports.commands import build_per_inputs
 from slmtui.reports.export import group_by_task, latency_unit
 from slmtui.store import ResultRow
@@ -142,6 +150,9 @@ class RankView(Vertical):
         self.grid = grid
         self.rank_by = "per"
         """The score that orders and ranks: "per" (the study's) or "per_rel"."""
+        self.rank_choice: str | None = None
+        """The score the user chose with ``n``; None: ``automatic_rank_by`` (PER-rel for a
+        small set, the study's PER otherwise)."""
         self.plotting = False
         self.chart_index = 0
         """Which of the task's charts the plot shows (throughput, then energy)."""
@@ -198,6 +209,7 @@ class RankView(Vertical):
     def _recompute(self) -> None:
         built = build_per_inputs(self._in_view(), grid=self.grid)
         self.notes = built.notes
+        self.rank_by = self.rank_choice or automatic_rank_by(built.inputs)
         try:
             self.per_rows = compute_per(built.inputs, rank_by=self.rank_by)
         except UserError as exc:
@@ -357,6 +369,8 @@ class RankView(Vertical):
             label = SCORE_LABELS[self.rank_by]
             other = SCORE_LABELS["per" if self.rank_by == "per_rel" else "per_rel"]
             note.append(f"Ranked by {label}", style="bold")
+            if self.rank_choice is None and self.rank_by == "per_rel":
+                note.append(f" (automatic: fewer than {SMALL_SET} models per task)")
             note.append(
                 f"  (n: {other}), relative to the {models} model{'s' * (models != 1)} in view. "
                 "PER is 0 for a model worst on any factor; PER-rel divides each by the best.\n"
@@ -459,7 +473,7 @@ class RankView(Vertical):
 
     def action_switch_score(self) -> None:
         """Rank by the other score: the study's PER or PER-rel."""
-        self.rank_by = "per_rel" if self.rank_by == "per" else "per"
+        self.rank_choice = "per_rel" if self.rank_by == "per" else "per"
         self.sort_by.clear()
         self._recompute()
 
