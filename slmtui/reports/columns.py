@@ -50,7 +50,8 @@ class Col:
     text: Callable[[Any], str] | None = None
     """How the headless and Markdown tables print a value; None: ``digits`` decimals."""
     metric: str | None = None
-    """The stored metric this column shows (copied into ``PerInput.extra`` under ``key``)."""
+    """The ``RunMetrics`` field this column shows (copied into ``PerInput.extra`` under ``key``
+    by ``build_per_inputs``)."""
     md: str | None = None
     """The Markdown header; None: ``short`` with its second line in parentheses."""
 
