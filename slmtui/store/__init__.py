@@ -8,6 +8,7 @@ from slmtui.store.store import (
     RunStatus,
     SampleRow,
     Store,
+    StoreWriteError,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "RunStatus",
     "SampleRow",
     "Store",
+    "StoreWriteError",
 ]
