@@ -1,0 +1,368 @@
+"""The scheduler service: one background process per store that owns its runs, so they outlive
+the console (a closed terminal, a dropped SSH link, ``q`` → "leave running").
+
+``python -m slmtui.scheduler.service --db DB`` (``slmtui.scheduler.client.ensure_service``
+starts it in a session of its own, so the terminal's SIGHUP never reaches it). It holds an
+exclusive ``flock`` on the store's lock file for its whole life — the kernel drops a dead
+owner's lock, so a killed service never blocks the next one — then opens the store (runs a dead
+scheduler left running are marked crashed; its queued runs are adopted and run), and serves
+clients on the store's Unix socket (``slmtui.scheduler.address``; owner-only). Every event is
+committed to the store by the scheduler before it is sent to the clients.
+
+It exits when asked (``shutdown``, SIGTERM, SIGINT: the runs are cancelled first), or when it
+has had no run and no client for ``idle_exit_s``. SIGHUP is ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from slmtui.errors import UserError
+from slmtui.protocol import Event
+from slmtui.scheduler import wire
+from slmtui.scheduler.address import Address, peer_allowed, peer_uid, service_address
+from slmtui.scheduler.launch import worker_command
+from slmtui.scheduler.scheduler import CommandFactory, Scheduler
+from slmtui.spec import RunSpec
+from slmtui.store import Store
+
+IDLE_EXIT_S = 300.0
+"""A service with no run and no client for this long exits (the next launch starts another)."""
+_CLIENT_QUEUE_MAX = 20_000
+"""Lines waiting for one client; a client that stops reading for that long is dropped."""
+
+
+class Client:
+    """One attached connection: a reader thread (commands) and a writer thread (lines out)."""
+
+    def __init__(self, service: Service, sock: socket.socket) -> None:
+        self.service = service
+        self.sock = sock
+        self.following = False
+        self.outbox: queue.Queue[bytes | None] = queue.Queue(maxsize=_CLIENT_QUEUE_MAX)
+        self.closed = False
+
+    def start(self) -> None:
+        threading.Thread(target=self._write_loop, name="slmtui-client-out", daemon=True).start()
+        threading.Thread(target=self._read_loop, name="slmtui-client-in", daemon=True).start()
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.outbox.put_nowait(data)
+        except queue.Full:
+            self.close()  # it stopped reading: it can re-attach and read the store
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.service.forget(self)
+        with contextlib.suppress(queue.Full):
+            self.outbox.put_nowait(None)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _write_loop(self) -> None:
+        try:
+            while (data := self.outbox.get()) is not None:
+                self.sock.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self.close()
+            with contextlib.suppress(OSError):
+                self.sock.close()
+
+    def _read_loop(self) -> None:
+        try:
+            with self.sock.makefile("rb") as reader:
+                for raw in reader:
+                    try:
+                        request = json.loads(raw)
+                        if not isinstance(request, dict):
+                            raise ValueError("not an object")
+                    except ValueError:
+                        self.send(wire.line("reply", id=None, ok=False, error="not JSON"))
+                        continue
+                    self.service.handle(self, request)
+        except OSError:
+            pass
+        finally:
+            self.close()
+
+
+class Service:
+    """Serves one scheduler on a listening Unix socket (see the module docstring)."""
+
+    def __init__(
+        self, scheduler: Scheduler, listener: socket.socket, *, idle_exit_s: float = IDLE_EXIT_S
+    ) -> None:
+        self.scheduler = scheduler
+        self.listener = listener
+        self.idle_exit_s = idle_exit_s
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._clients: list[Client] = []
+        self._last_busy = time.monotonic()
+        self._store_error_sent = False
+        scheduler.listener = self.broadcast
+
+    # -- the event stream ---------------------------------------------------------------------
+
+    def broadcast(self, event: Event) -> None:
+        """The scheduler's listener: every event, already committed, to every following client."""
+        data = wire.event_line(event)
+        with self._lock:
+            clients = [c for c in self._clients if c.following]
+            error = self.scheduler.store_error
+            if error is not None and not self._store_error_sent:
+                self._store_error_sent = True
+                data = wire.line("notice", message=error) + data
+        for client in clients:
+            client.send(data)
+
+    def forget(self, client: Client) -> None:
+        with self._lock:
+            if client in self._clients:
+                self._clients.remove(client)
+            self._last_busy = time.monotonic()
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def handle(self, client: Client, request: dict[str, Any]) -> None:
+        cmd, request_id = request.get("cmd"), request.get("id")
+        try:
+            fields = self._answer(client, cmd, request)
+        except UserError as exc:
+            client.send(wire.line("reply", id=request_id, ok=False, error=str(exc)))
+            return
+        except Exception as exc:  # a bad request must not take the service down
+            message = f"{cmd}: {type(exc).__name__}: {exc}".splitlines()[0]
+            client.send(wire.line("reply", id=request_id, ok=False, error=message))
+            return
+        if fields is not None:
+            client.send(wire.line("reply", id=request_id, ok=True, **fields))
+
+    def _answer(self, client: Client, cmd: Any, request: dict[str, Any]) -> dict[str, Any] | None:
+        scheduler = self.scheduler
+        if cmd == "attach":
+            # The snapshot and the subscription are one step under the broadcast lock: every
+            # event after it reaches the client, every event before it is in the snapshot.
+            with self._lock:
+                runs = [wire.state_to_dict(s) for s in scheduler.snapshot()]
+                client.send(
+                    wire.line(
+                        "reply",
+                        id=request.get("id"),
+                        ok=True,
+                        attached=True,
+                        pid=os.getpid(),
+                        runs=runs,
+                    )
+                )
+                client.following = bool(request.get("follow", True))
+                if scheduler.store_error is not None:
+                    client.send(wire.line("notice", message=scheduler.store_error))
+            return None
+        if cmd == "status":
+            runs = [wire.state_to_dict(s) for s in scheduler.snapshot()]
+            return {"pid": os.getpid(), "runs": runs, "store_error": scheduler.store_error}
+        if cmd == "submit":
+            specs = [RunSpec.from_dict(d) for d in request.get("specs", [])]
+            with self._lock:  # two consoles launching the same runs at once: one launch
+                in_flight = {
+                    s.spec.run_key
+                    for s in scheduler.snapshot()
+                    if s.status in ("queued", "running")
+                }
+                fresh = [s for s in specs if s.run_key not in in_flight]
+                run_ids = scheduler.submit(fresh) if fresh else []
+                self._last_busy = time.monotonic()
+            return {"run_ids": run_ids, "skipped": len(specs) - len(fresh)}
+        if cmd == "cancel":
+            return {"cancelled": scheduler.cancel(str(request.get("run_id")))}
+        if cmd == "cancel_all":
+            active = [s.run_id for s in scheduler.snapshot() if not s.ended]
+            scheduler.cancel_all()
+            return {"run_ids": active}
+        if cmd == "shutdown":
+            self.stop.set()
+            return {"pid": os.getpid()}
+        raise UserError(f"unknown command {cmd!r}")
+
+    # -- accepting and idling -----------------------------------------------------------------
+
+    def accept_loop(self) -> None:
+        self.listener.settimeout(0.5)
+        while not self.stop.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self.stop.is_set():
+                    return
+                continue
+            sock.settimeout(None)
+            try:
+                allowed = peer_allowed(peer_uid(sock))
+            except OSError:
+                allowed = False
+            if not allowed:
+                with contextlib.suppress(OSError):
+                    sock.sendall(wire.line("reply", id=None, ok=False, error="not your service"))
+                    sock.close()
+                continue
+            client = Client(self, sock)
+            with self._lock:
+                self._clients.append(client)
+            client.start()
+
+    def idle(self) -> bool:
+        """No run queued or running, no client attached, for ``idle_exit_s``."""
+        now = time.monotonic()
+        with self._lock:
+            if self._clients or any(not s.ended for s in self.scheduler.snapshot()):
+                self._last_busy = now
+            return now - self._last_busy >= self.idle_exit_s
+
+    def close_clients(self) -> None:
+        with self._lock:
+            clients = list(self._clients)
+        for client in clients:
+            client.close()
+
+
+def serve(
+    db: str | os.PathLike[str],
+    *,
+    idle_exit_s: float = IDLE_EXIT_S,
+    command_factory: CommandFactory = worker_command,
+    hang_grace_s: float | None = None,
+) -> int:
+    """Run the service for the store at ``db`` until asked to stop or idle; the exit code.
+
+    Exit 0 at once when another service holds the store's lock (it serves the clients).
+    """
+    address = service_address(db)
+    lock_fd = os.open(address.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        print(f"slmtui: a scheduler service already serves {address.db}", file=sys.stderr)
+        return 0
+    os.ftruncate(lock_fd, 0)
+    os.write(lock_fd, f"{os.getpid()}\n".encode())
+    try:
+        return _serve_locked(address, idle_exit_s, command_factory, hang_grace_s)
+    finally:
+        os.close(lock_fd)  # the lock goes with it
+
+
+def _serve_locked(
+    address: Address,
+    idle_exit_s: float,
+    command_factory: CommandFactory,
+    hang_grace_s: float | None,
+) -> int:
+    store = Store(address.db, keep_queued=True)
+    for run_id in store.recovered:
+        print(f"slmtui: run {run_id} was running when its scheduler died: crashed", file=sys.stderr)
+    kwargs: dict[str, Any] = {} if hang_grace_s is None else {"hang_grace_s": hang_grace_s}
+    scheduler = Scheduler(store, command_factory=command_factory, handle_signals=False, **kwargs)
+    adopted = store.adopt_queued()
+    scheduler.requeue((row.run_id, row.spec, row.queued_at) for row in adopted)
+
+    with contextlib.suppress(FileNotFoundError):
+        address.socket_path.unlink()  # a dead service's: we hold the lock
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(str(address.socket_path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(address.socket_path, 0o600)
+    listener.listen(16)
+    service = Service(scheduler, listener, idle_exit_s=idle_exit_s)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        service.stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    scheduler.start()
+    accept = threading.Thread(target=service.accept_loop, name="slmtui-accept", daemon=True)
+    accept.start()
+    print(
+        f"slmtui: scheduler service {os.getpid()} serves {address.db} on {address.socket_path}"
+        f" ({len(adopted)} queued run(s) adopted)",
+        file=sys.stderr,
+    )
+    try:
+        while not service.stop.wait(0.5):
+            if service.idle():
+                break
+    finally:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            if address.socket_path.stat().st_ino == os.fstat(listener.fileno()).st_ino:
+                address.socket_path.unlink()
+        service.stop.set()
+        scheduler.shutdown()  # cancels what is left; waits for the workers to go
+        service.close_clients()
+        listener.close()
+        store.close()
+    return 0
+
+
+def _fake_prefix_factory(prefix: Sequence[str]) -> CommandFactory:
+    """Workers started as ``PREFIX --spec-json J --run-id R`` (tests, debugging)."""
+
+    def factory(spec: RunSpec, run_id: str, gpu_ids: Sequence[int]) -> tuple[list[str], dict]:
+        argv, env = worker_command(spec, run_id, gpu_ids)
+        return [*prefix, *argv[argv.index("--spec-json") :]], env
+
+    return factory
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m slmtui.scheduler.service")
+    parser.add_argument("--db", required=True, help="the results store this service owns")
+    parser.add_argument("--idle-exit-s", type=float, default=IDLE_EXIT_S)
+    parser.add_argument("--hang-grace-s", type=float, default=None)
+    parser.add_argument(
+        "--worker-prefix",
+        help="JSON list: start workers with this argv instead of python -m slmtui.worker",
+    )
+    args = parser.parse_args(argv)
+    factory = worker_command
+    if args.worker_prefix:
+        factory = _fake_prefix_factory(json.loads(args.worker_prefix))
+    try:
+        return serve(
+            Path(args.db),
+            idle_exit_s=args.idle_exit_s,
+            command_factory=factory,
+            hang_grace_s=args.hang_grace_s,
+        )
+    except UserError as exc:
+        print(f"slmtui: error: {exc}", file=sys.stderr)
+        return UserError.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
