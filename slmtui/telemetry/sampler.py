@@ -593,6 +593,8 @@ def metrics_from_report(
     metrics.update(energy_metrics(energy_j, tokens_out, n_samples, n_correct))
     metrics["energy_source"] = source if energy_j is not None else None
     metrics["energy_flagged"] = flagged
+    # Why NVML stopped answering (or never did); None when it answered throughout.
+    metrics["telemetry_degraded"] = report.get("degraded")
     return metrics
 
 

@@ -379,6 +379,8 @@ def test_an_nvml_error_mid_run_degrades_the_telemetry_never_the_run(fake: FakeNv
     assert report["peak_mem_mb"] == 1000.0  # what was measured before the failure is kept
     assert report["mem_source"] == "nvml_process" and live["degraded"] is not None
     assert report["series"]["rss_mb"][-1] is not None  # RSS sampling went on
+    lifted = metrics_from_report(report, window="steady", n_samples=4)
+    assert "in a row" in lifted["telemetry_degraded"]  # the result says so too
 
 
 def test_nvml_that_fails_at_init_leaves_gpu_none(fake: FakeNvml) -> None:
