@@ -88,6 +88,10 @@ FAKE_WORKER = textwrap.dedent(
         print(json.dumps({"v": 1, "type": "result", "run_id": run_id, "metrics": "oops"}),
               flush=True)
         time.sleep(60)
+    elif how == "segv":
+        sample(0)
+        import ctypes
+        ctypes.string_at(0)  # a segfault, as a broken CUDA kernel or extension would
     elif how == "big":
         for i in range(10_000):
             emit(SampleScored(run_id, index=i, item_id=f"i{i}", prompt="x" * 100_000,
@@ -452,6 +456,17 @@ def test_the_app_stopped_by_a_signal_leaves_no_orphans(tmp_path, fake_worker, ap
 
 
 # -- the fault table (docs/reliability.md): one test per row the scheduler handles ------------
+
+
+def test_a_segfaulting_worker_costs_only_its_run(harness) -> None:
+    h = harness()
+    segv, ok = h.scheduler.submit([spec("segv"), spec("ok")])
+    assert h.scheduler.wait(timeout=30)
+    row = h.store.run(segv)
+    assert (row.status, row.error_reason) == ("failed", "crashed")
+    assert row.error_message == "worker was killed by SIGSEGV without a result"
+    assert len(h.store.samples(segv)) == 1
+    assert h.store.run(ok).status == "finished"
 
 
 def test_a_silent_worker_is_stopped_as_hung_after_the_grace(harness) -> None:

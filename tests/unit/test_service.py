@@ -406,3 +406,45 @@ def test_a_hung_worker_under_the_service_is_stopped_and_the_sweep_goes_on(box: B
     )
     assert (rows[mute]["status"], rows[mute]["error_reason"]) == ("failed", "hung")
     assert "no event from the worker for 2 s" in rows[mute]["error_message"]
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def test_run_detach_then_status_then_stop(
+    box: Box, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slmtui.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["status", "--db", str(box.db)]) == 0
+    assert "No scheduler service runs for store" in capsys.readouterr().out
+    box.client().submit([])  # the service is up, with the fake workers
+    models = tmp_path / "models"
+    for name in ("slow-a", "hang-b"):
+        (models / name).mkdir(parents=True)
+    profile = tmp_path / "sweep.toml"
+    profile.write_text(
+        "name = 'sweep'\n[settings]\ngpus = [0]\nlimit = 2\n"
+        + "".join(
+            f"[[models]]\nname = '{n}'\nsource = '{models / n}'\n" for n in ("slow-a", "hang-b")
+        )
+        + "[tasks.arc_easy]\n",
+        encoding="utf-8",
+    )
+    assert main(["run", str(profile), "--detach", "--db", str(box.db)]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs handed to the scheduler service" in out and "slmtui status" in out
+    wait_until(
+        "the slow run to finish",
+        lambda: any(r["status"] == "finished" for r in box.runs().values()),
+    )
+    assert main(["status", "--db", str(box.db)]) == 0
+    out = capsys.readouterr().out
+    assert f"scheduler service pid {box.service_pid()}" in out
+    assert "slow-a · arc_easy" in out and "finished" in out and "1 run queued or running" in out
+    assert main(["run", str(profile), "--detach", "--db", str(box.db)]) == 0
+    assert "0 runs handed" in capsys.readouterr().out  # one stored, one still running there
+    assert main(["stop", "--db", str(box.db)]) == 0
+    assert "Cancelled 1 run;" in capsys.readouterr().out
+    assert sorted(r["status"] for r in box.runs().values()) == ["cancelled", "finished"]
