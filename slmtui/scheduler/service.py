@@ -56,22 +56,32 @@ class Client:
         self.closed = False
 
     def start(self) -> None:
-        threading.Thread(target=self._write_loop, name="slmtui-client-out", daemon=True).start()
+        self.writer = threading.Thread(
+            target=self._write_loop, name="slmtui-client-out", daemon=True
+        )
+        self.writer.start()
         threading.Thread(target=self._read_loop, name="slmtui-client-in", daemon=True).start()
 
     def send(self, data: bytes) -> None:
         try:
             self.outbox.put_nowait(data)
         except queue.Full:
-            self.close()  # it stopped reading: it can re-attach and read the store
+            self.close(drain=False)  # it stopped reading: it can re-attach and read the store
 
-    def close(self) -> None:
+    def close(self, *, drain: bool = True) -> None:
+        """Stop following; with ``drain`` the lines already queued (a last reply) go out first."""
         if self.closed:
             return
         self.closed = True
         self.service.forget(self)
-        with contextlib.suppress(queue.Full):
+        try:
             self.outbox.put_nowait(None)
+        except queue.Full:
+            drain = False
+        if not drain:
+            self._hang_up()
+
+    def _hang_up(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
@@ -82,7 +92,9 @@ class Client:
         except OSError:
             pass
         finally:
-            self.close()
+            self.closed = True
+            self.service.forget(self)
+            self._hang_up()
             with contextlib.suppress(OSError):
                 self.sock.close()
 
@@ -239,11 +251,17 @@ class Service:
                 self._last_busy = now
             return now - self._last_busy >= self.idle_exit_s
 
-    def close_clients(self) -> None:
+    def close_clients(self, timeout_s: float = 2.0) -> None:
+        """Hang up on every client once what is queued for it has gone out."""
         with self._lock:
             clients = list(self._clients)
         for client in clients:
             client.close()
+        deadline = time.monotonic() + timeout_s
+        for client in clients:
+            writer = getattr(client, "writer", None)
+            if writer is not None:
+                writer.join(max(0.0, deadline - time.monotonic()))
 
 
 def serve(
@@ -263,7 +281,7 @@ def serve(
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(lock_fd)
-        print(f"slmtui: a scheduler service already serves {address.db}", file=sys.stderr)
+        _say(f"a scheduler service already serves {address.db}")
         return 0
     os.ftruncate(lock_fd, 0)
     os.write(lock_fd, f"{os.getpid()}\n".encode())
@@ -281,7 +299,7 @@ def _serve_locked(
 ) -> int:
     store = Store(address.db, keep_queued=True)
     for run_id in store.recovered:
-        print(f"slmtui: run {run_id} was running when its scheduler died: crashed", file=sys.stderr)
+        _say(f"run {run_id} was running when its scheduler died: marked crashed")
     kwargs: dict[str, Any] = {} if hang_grace_s is None else {"hang_grace_s": hang_grace_s}
     scheduler = Scheduler(store, command_factory=command_factory, handle_signals=False, **kwargs)
     adopted = store.adopt_queued()
@@ -308,10 +326,9 @@ def _serve_locked(
     scheduler.start()
     accept = threading.Thread(target=service.accept_loop, name="slmtui-accept", daemon=True)
     accept.start()
-    print(
-        f"slmtui: scheduler service {os.getpid()} serves {address.db} on {address.socket_path}"
-        f" ({len(adopted)} queued run(s) adopted)",
-        file=sys.stderr,
+    _say(
+        f"scheduler service {os.getpid()} serves {address.db} on {address.socket_path}"
+        f" ({len(adopted)} queued run(s) adopted)"
     )
     try:
         while not service.stop.wait(0.5):
@@ -327,6 +344,12 @@ def _serve_locked(
         listener.close()
         store.close()
     return 0
+
+
+def _say(message: str) -> None:
+    """One line to the service's log; a log that is gone (a closed pipe) never stops it."""
+    with contextlib.suppress(OSError, ValueError):
+        print(f"slmtui: {message}", file=sys.stderr, flush=True)
 
 
 def _fake_prefix_factory(prefix: Sequence[str]) -> CommandFactory:
