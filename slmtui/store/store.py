@@ -286,7 +286,7 @@ class Store:
                     conn.execute(
                         "UPDATE runs SET status = 'failed', finished_at = ?,"
                         " error_reason = 'crashed', error_message = ? WHERE run_id = ?",
-                        (now, "app exited during the run", run_id),
+                        (now, "its scheduler (app or service) exited during the run", run_id),
                     )
                 elif self.keep_queued:
                     continue

@@ -210,8 +210,9 @@ class SlmApp(App[int]):
         if self.store.recovered:
             n = len(self.store.recovered)
             self.notify(
-                f"{n} run{'s' * (n != 1)} left unfinished by an app that exited "
-                "were marked failed or cancelled.",
+                f"{n} run{'s' * (n != 1)} left unfinished by a scheduler that exited "
+                "(a killed app or service, a reboot) were marked crashed; Launch (R) offers "
+                f"{'it' if n == 1 else 'them'} again.",
                 title="Store",
                 severity="warning",
             )

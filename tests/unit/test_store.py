@@ -226,7 +226,7 @@ def test_runs_left_behind_by_a_killed_app_are_recovered_on_open(tmp_path: Path) 
     assert (crashed.status, crashed.error_reason, crashed.error_message) == (
         "failed",
         "crashed",
-        "app exited during the run",
+        "its scheduler (app or service) exited during the run",
     )
     assert reopened.run("queued").status == "cancelled"
     assert reopened.run("done").status == "finished"
