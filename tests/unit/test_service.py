@@ -28,7 +28,7 @@ import psutil
 import pytest
 from test_scheduler import FAKE_WORKER, spec
 
-from slmtui.protocol import Event
+from slmtui.protocol import Event, RunProgress
 from slmtui.scheduler import Scheduler
 from slmtui.scheduler.address import peer_allowed, peer_uid, private_dir, service_address
 from slmtui.scheduler.client import ServiceClient, connect
@@ -447,3 +447,40 @@ def test_run_detach_then_status_then_stop(
     assert main(["stop", "--db", str(box.db)]) == 0
     assert "Cancelled 1 run;" in capsys.readouterr().out
     assert sorted(r["status"] for r in box.runs().values()) == ["cancelled", "finished"]
+
+
+def test_a_store_that_refuses_writes_reaches_every_client_as_one_line(
+    tmp_path: Path, runtime: Path
+) -> None:
+    store = Store(tmp_path / "r.sqlite")
+    scheduler = Scheduler(store, inventory=[], handle_signals=False)
+    address = service_address(tmp_path / "r.sqlite")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(address.socket_path))
+    listener.listen(4)
+    service = Service(scheduler, listener)
+    thread = threading.Thread(target=service.accept_loop, daemon=True)
+    thread.start()
+    notices: list[str] = []
+    client = ServiceClient(tmp_path / "r.sqlite", autostart=False)
+    client.on_notice = notices.append
+    try:
+        client.start()
+        assert client.attached
+        scheduler.store_error = f"store {store.path}: cannot write (database or disk is full)"
+        service.broadcast(RunProgress("r1", phase="loading"))  # the next event carries it
+        wait_until("the notice", lambda: notices)
+        assert notices == [scheduler.store_error]
+        late: list[str] = []
+        with ServiceClient(tmp_path / "r.sqlite", autostart=False) as other:
+            other.on_notice = late.append
+            other.start()  # a client attaching later is told at once
+            wait_until("the late notice", lambda: late)
+        assert late == [scheduler.store_error]
+    finally:
+        client.shutdown()
+        service.stop.set()
+        thread.join(timeout=5)
+        listener.close()
+        scheduler.shutdown()
+        store.close()
