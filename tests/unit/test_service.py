@@ -327,6 +327,27 @@ def test_one_service_per_store(box: Box) -> None:
     print("WINNER", winner.stderr.read())
 
 
+def test_a_re_attached_client_can_cancel_one_run_and_queue_more(box: Box) -> None:
+    first = box.client()
+    hang, queued = first.submit([spec("hang"), spec("ok")])
+    first.shutdown()
+    seen = Events()
+    again = box.client(seen)
+    again.start()
+    wait_until("the hanging run to start", lambda: box.runs()[hang]["status"] == "running")
+    assert again.cancel(hang)
+    (more,) = again.submit([spec("ok", delay_ms=1)])
+    wait_until("the queue to drain", lambda: (r := box.runs())[more]["status"] == "finished" and r)
+    rows = box.runs()
+    assert (rows[hang]["status"], rows[hang]["error_message"]) == (
+        "cancelled",
+        "cancelled while running",
+    )
+    assert rows[queued]["status"] == "finished"
+    assert "result" in seen.types(more)
+    assert not again.cancel(hang)  # already ended
+
+
 def test_slmtui_stop_cancels_everything(box: Box) -> None:
     client = box.client()
     ids = client.submit([spec("hang"), spec("ok")])
