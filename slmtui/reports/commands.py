@@ -10,13 +10,14 @@ import argparse
 import csv
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from slmtui.carbon import Grid, carbon_of, parse_grid
 from slmtui.errors import UserError, allowed_list, did_you_mean
-from slmtui.per import FACTORS, PerInput, PerRow, compute_per
+from slmtui.per import FACTORS, SCORE_LABELS, PerInput, PerRow, compute_per
 
 if TYPE_CHECKING:
     from slmtui.store import ResultRow
@@ -38,10 +39,27 @@ OPTIONAL_COLUMNS: tuple[str, ...] = ("energy_j", "throughput_unit")
 def per_command(args: argparse.Namespace) -> int:
     """PER of every row of a CSV, in the format asked for."""
     path = Path(args.csv)
-    inputs = read_per_csv(path)
-    rows = compute_per(inputs, **per_options(args))
-    emit(rows, args.format, args.output, title=f"PER of {path.name}")
+    grid = grid_option(args)
+    inputs = [_with_csv_carbon(i, grid) for i in read_per_csv(path)]
+    options = per_options(args)
+    rows = compute_per(inputs, **options)
+    emit(
+        rows,
+        args.format,
+        args.output,
+        title=f"PER of {path.name}",
+        by=options["rank_by"],
+        grid=grid,
+        options=options,
+    )
     return 0
+
+
+def _with_csv_carbon(given: PerInput, grid: Grid) -> PerInput:
+    """A CSV's energy_j (J per unit of work) as grams CO2e per unit, for the co2 factor."""
+    from dataclasses import replace
+
+    return replace(given, co2_g=grid.grams(given.energy_j))
 
 
 def read_per_csv(path: Path) -> list[PerInput]:
@@ -178,15 +196,40 @@ def report_command(args: argparse.Namespace) -> int:
     if not selected:
         _say("No stored result matches both --task and --model.", fmt)
         return 0
-    built = build_per_inputs(selected)
+    grid = grid_option(args)
+    options = per_options(args)
+    plot = getattr(args, "plot", None)
+    if plot:
+        from slmtui.reports.plots import plot_targets
+
+        plot_targets(plot)  # a bad path fails before anything is written
+    built = build_per_inputs(selected, grid=grid)
     for note in built.notes:
         print(f"slmtui: note: {note}", file=sys.stderr)
     if not built.inputs:
         _say("No selected result has every PER metric.", fmt)
         return 0
-    rows = compute_per(built.inputs, **per_options(args))
+    rows = compute_per(built.inputs, **options)
     n = len(built.inputs)
-    emit(rows, fmt, getattr(args, "output", None), title=f"{n} result{'s' * (n != 1)} from {db}")
+    runs = None
+    if fmt in ("json", "csv"):
+        with Store(db) as store:
+            runs = store.export_runs([r.input.key for r in rows if r.input.key])
+    if plot:
+        from slmtui.reports.plots import write_plots
+
+        for path in write_plots(rows, plot, by=options["rank_by"]):
+            print(f"slmtui: wrote {path}", file=sys.stderr)
+    emit(
+        rows,
+        fmt,
+        getattr(args, "output", None),
+        title=f"{n} result{'s' * (n != 1)} from {db}",
+        by=options["rank_by"],
+        runs=runs,
+        grid=grid,
+        options=options,
+    )
     return 0
 
 
@@ -233,7 +276,7 @@ _SETTING_LABELS: tuple[tuple[str, str], ...] = (
 )
 
 
-def build_per_inputs(results: Iterable[ResultRow]) -> PerInputs:
+def build_per_inputs(results: Iterable[ResultRow], grid: Grid | None = None) -> PerInputs:
     """Turn stored results into PER inputs, labelled so that every row of a task is distinct.
 
     - A model measured at several GPU counts gets the count in its label ("x · 2 GPUs", "x · CPU").
@@ -242,7 +285,8 @@ def build_per_inputs(results: Iterable[ResultRow]) -> PerInputs:
     - A task measured in both modes is split ("arc_easy (generate)"), since tokens/s and
       samples/s cannot be normalised together.
     - Energy is per unit of work (J per token for generate, per sample for loglikelihood) when the
-      metrics hold it, else the window's total.
+      metrics hold it, else the window's total. CO2 (``co2_g`` per unit, and per run, per 1,000
+      tokens and per correct answer in ``extra``) is that energy at ``grid`` (default: world).
     Rows lacking accuracy, throughput, latency or memory are left out, with a note.
     """
     out = PerInputs()
@@ -278,6 +322,7 @@ def build_per_inputs(results: Iterable[ResultRow]) -> PerInputs:
             if len({_setting(r, name) for r in group}) > 1 and name not in varying.get(model, []):
                 varying.setdefault(model, []).append(name)
 
+    grid = grid or parse_grid(None)
     for r in rows:
         parts = [r.model]
         if len(gpus_by_model[r.model]) > 1:
@@ -286,6 +331,8 @@ def build_per_inputs(results: Iterable[ResultRow]) -> PerInputs:
             value = _setting(r, name)
             if name in varying.get(r.model, []) and value is not None:
                 parts.append(template.format(value))
+        carbon = carbon_of(r.energy_j, r.metrics, grid)
+        energy_per_unit = _energy_per_unit(r)
         out.inputs.append(
             PerInput(
                 model=" · ".join(parts),
@@ -294,9 +341,17 @@ def build_per_inputs(results: Iterable[ResultRow]) -> PerInputs:
                 throughput=r.throughput,
                 latency_ms=r.latency_ms,
                 memory_mb=r.memory_mb,
-                energy_j=_energy_per_unit(r),
+                energy_j=energy_per_unit,
                 key=r.run_id,
                 throughput_unit=r.throughput_unit,
+                co2_g=grid.grams(energy_per_unit),
+                extra={
+                    "run_id": r.run_id,
+                    "co2_run_g": carbon.run_g,
+                    "co2_per_1k_tokens_g": carbon.per_1k_tokens_g,
+                    "co2_per_correct_g": carbon.per_correct_g,
+                    "energy_per_correct_j": _number(r.metrics.get("energy_per_correct_j")),
+                },
             )
         )
     sample = [r for r in rows if r.metrics.get("data_source") == "sample"]
@@ -334,6 +389,12 @@ def _where(gpus: int) -> str:
     return "CPU" if gpus == 0 else f"{gpus} GPU{'s' if gpus > 1 else ''}"
 
 
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
 def _energy_per_unit(r: ResultRow) -> float | None:
     key = "energy_per_sample_j" if r.throughput_unit == "samples/s" else "energy_per_token_j"
     value = r.metrics.get(key)
@@ -345,8 +406,14 @@ def _energy_per_unit(r: ResultRow) -> float | None:
 # -- shared -------------------------------------------------------------------------------------
 
 
+def grid_option(args: argparse.Namespace) -> Grid:
+    """The grid of ``--carbon-intensity`` (gCO2e/kWh or a region code; default: world)."""
+    return parse_grid(getattr(args, "carbon_intensity", None), where="--carbon-intensity")
+
+
 def per_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``compute_per`` keyword arguments from ``--energy``, ``--log-scale``, ``--weight F=W``."""
+    """``compute_per`` keyword arguments from ``--energy``, ``--co2``, ``--log-scale``,
+    ``--weight F=W`` and ``--rank-by``."""
     weights: dict[str, float] = {}
     for item in getattr(args, "weight", None) or []:
         name, sep, raw = item.partition("=")
@@ -361,23 +428,44 @@ def per_options(args: argparse.Namespace) -> dict[str, Any]:
             weights[name] = float(raw)
         except ValueError:
             raise UserError(f"--weight '{item}': '{raw.strip()}' is not a number") from None
+    given = getattr(args, "rank_by", None) or "per"
+    rank_by = given.strip().lower().replace("-", "_")
+    if rank_by not in SCORE_LABELS:
+        hint = did_you_mean(given, ("per", "per-rel"))
+        raise UserError(f"--rank-by '{given}'{hint}; allowed: 'per' or 'per-rel'")
     return {
         "energy": bool(getattr(args, "energy", False)),
+        "co2": bool(getattr(args, "co2", False)),
         "weights": weights or None,
         "log_scale": bool(getattr(args, "log_scale", False)),
+        "rank_by": rank_by,
     }
 
 
-def render(rows: Sequence[PerRow], fmt: str, *, title: str | None = None, width: int = 120) -> str:
-    """The report as text: a format of ``slmtui.cli.FORMATS`` (tables without colour)."""
+def render(
+    rows: Sequence[PerRow],
+    fmt: str,
+    *,
+    title: str | None = None,
+    width: int = 120,
+    by: str = "per",
+    runs: Mapping[str, Mapping[str, Any]] | None = None,
+    grid: Grid | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> str:
+    """The report as text: a format of ``slmtui.cli.FORMATS`` (tables without colour).
+
+    ``runs`` (stored runs by run id) adds every stored metric, setting and hardware fact to
+    CSV and JSON; ``grid`` is the carbon intensity behind the CO2 figures."""
     from slmtui.reports import export
 
+    grid_facts = _grid_facts(grid)
     if fmt == "csv":
-        return export.to_csv(rows)
+        return export.to_csv(rows, runs)
     if fmt == "json":
-        return export.to_json(rows)
+        return export.to_json(rows, runs, ranked_by=by, grid=grid_facts, options=options)
     if fmt == "markdown":
-        return export.to_markdown(rows)
+        return export.to_markdown(rows, by=by)
     if fmt == "table":
         import io
 
@@ -386,28 +474,64 @@ def render(rows: Sequence[PerRow], fmt: str, *, title: str | None = None, width:
         from slmtui.reports.tables import render_per_tables
 
         buffer = io.StringIO()
-        render_per_tables(rows, Console(file=buffer, width=width, color_system=None), title=title)
+        console = Console(file=buffer, width=width, color_system=None)
+        render_per_tables(rows, console, title=title, by=by, grid_label=grid and grid.label)
         return buffer.getvalue()
     raise UserError(
         f"--format '{fmt}': allowed: {allowed_list(('table', 'csv', 'json', 'markdown'))}"
     )
 
 
-def emit(rows: Sequence[PerRow], fmt: str, output: str | None, *, title: str | None = None) -> None:
-    """Print the report to the terminal (tables in colour) or write it to ``output``."""
+def _grid_facts(grid: Grid | None) -> dict[str, Any] | None:
+    from slmtui.carbon import GRID_SOURCE
+
+    if grid is None:
+        return None
+    return {"g_per_kwh": grid.g_per_kwh, "label": grid.label, "table_source": GRID_SOURCE}
+
+
+def emit(
+    rows: Sequence[PerRow],
+    fmt: str,
+    output: str | None,
+    *,
+    title: str | None = None,
+    by: str = "per",
+    runs: Mapping[str, Mapping[str, Any]] | None = None,
+    grid: Grid | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> None:
+    """Print the report to the terminal (tables in colour) or write it to ``output``
+    (whole or not at all: a temporary file renamed into place)."""
     if output is None and fmt == "table":
         from rich.console import Console
 
         from slmtui.reports.tables import render_per_tables
 
-        render_per_tables(rows, Console(), title=title)
+        render_per_tables(rows, Console(), title=title, by=by, grid_label=grid and grid.label)
         return
-    text = render(rows, fmt, title=title)
+    text = render(rows, fmt, title=title, by=by, runs=runs, grid=grid, options=options)
     if output is None:
         sys.stdout.write(text)
         return
-    try:
-        Path(output).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"-o {output}: cannot write ({exc.strerror})") from None
+    write_atomically(Path(output), text, flag="-o")
     print(f"slmtui: wrote {len(rows)} rows to {output}", file=sys.stderr)
+
+
+def write_atomically(path: Path, text: str, *, flag: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, renamed into
+    place, so a failed write leaves nothing half-written."""
+    import os
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot write ({exc.strerror})") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"{flag} {path}: cannot write ({exc.strerror})") from None

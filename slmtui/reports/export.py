@@ -1,7 +1,10 @@
 """PER rows as CSV, JSON or Markdown text. Stdlib only.
 
-Every format carries the inputs (model, task, accuracy, THR, LAT, MEM, energy), PER, its rank,
-the Pareto flag and the normalised factors, so an export can be re-checked by hand.
+Every format carries the inputs (model, task, accuracy, THR, LAT, MEM, energy, CO2), PER and
+PER-rel with their ranks, the Pareto flag, the normalised factors and the ratios to the best, so
+an export can be re-checked by hand. Given the stored runs (``slmtui report``), CSV and JSON also
+carry every stored metric, the settings, the hardware and the versions of each run; the JSON
+holds each run as stored, so ``slmtui import`` can merge it into another store.
 """
 
 from __future__ import annotations
@@ -9,15 +12,40 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from slmtui.per import PerRow, summarise_models
+from slmtui.per import SCORE_LABELS, PerRow, lead, summarise_models
 
 PER_NOTE = (
     "PER is relative to the models in this table: add or remove a model and every PER of "
     "that task can change."
 )
+SCORES_NOTE = (
+    "PER (the study's) min-max normalises each factor over the models in view, so a model worst "
+    "on any factor gets 0 (with two models, usually both). PER-rel divides each factor by the "
+    "best in view instead: 1.0 is best on everything, it is 0 only for zero accuracy, and a "
+    "model that joins worse on everything changes no other PER-rel."
+)
+FORMAT_NAME = "slmtui-report"
+FORMAT_VERSION = 1
+UNITS: dict[str, str] = {
+    "accuracy": "the task's primary metric, 0..1",
+    "throughput": "per GPU, in throughput_unit (tokens/s generate, samples/s loglikelihood)",
+    "latency_ms": "ms per generated token (generate) or per sample (loglikelihood)",
+    "memory_mb": "MB, peak of the run",
+    "energy_j": "J per unit of work (per generated token or per sample); total when unknown",
+    "co2_g": "gCO2e per unit of work, as energy_j",
+    "co2_run_g": "gCO2e over the run's measured window",
+    "co2_per_1k_tokens_g": "gCO2e per 1,000 generated tokens (prompt tokens for loglikelihood)",
+    "co2_per_correct_g": "gCO2e per correct answer",
+    "per": "the study's PER, 0..1 (min-max over the task's models)",
+    "per_rel": "PER-rel, 0..1 (ratios to the task's best)",
+    "*_n": "factor min-max normalised over the task's models, 0..1",
+    "*_r": "factor as a ratio to the task's best, 0..1",
+    "run.metrics": "names carry their unit: _s seconds, _ms, _mb, _j joules, _w watts, _pct",
+}
+"""What each exported number means, in which unit (the JSON export's ``units``)."""
 
 COLUMNS: tuple[str, ...] = (
     "model",
@@ -36,8 +64,33 @@ COLUMNS: tuple[str, ...] = (
     "lat_n",
     "mem_n",
     "energy_n",
+    "per_rel",
+    "rank_rel",
+    "limiting",
+    "acc_r",
+    "thr_r",
+    "lat_r",
+    "mem_r",
+    "energy_r",
+    "co2_r",
+    "co2_g",
+    "co2_n",
+    "co2_run_g",
+    "co2_per_1k_tokens_g",
+    "co2_per_correct_g",
+    "run_id",
 )
-"""Columns of the CSV export and keys of each JSON object, in this order."""
+"""Columns of the CSV export and keys of each JSON row, in this order (the CSV then adds the
+stored run's settings, hardware and metrics when it has them)."""
+CARBON_KEYS = ("co2_run_g", "co2_per_1k_tokens_g", "co2_per_correct_g")
+_RATIO_KEYS = {
+    "acc_r": "accuracy",
+    "thr_r": "throughput",
+    "lat_r": "latency",
+    "mem_r": "memory",
+    "energy_r": "energy",
+    "co2_r": "co2",
+}
 
 
 def row_record(row: PerRow) -> dict[str, Any]:
@@ -60,6 +113,14 @@ def row_record(row: PerRow) -> dict[str, Any]:
         "lat_n": row.lat_n,
         "mem_n": row.mem_n,
         "energy_n": row.energy_n,
+        "per_rel": row.per_rel,
+        "rank_rel": row.rank_rel,
+        "limiting": row.limiting,
+        **{key: row.ratios.get(factor) for key, factor in _RATIO_KEYS.items()},
+        "co2_g": given.co2_g,
+        "co2_n": row.co2_n,
+        **{key: given.extra.get(key) for key in CARBON_KEYS},
+        "run_id": given.extra.get("run_id"),
     }
 
 
@@ -75,20 +136,81 @@ def _csv_cell(value: Any) -> str:
     return str(value)
 
 
-def to_csv(rows: Sequence[PerRow]) -> str:
-    """CSV with a header of ``COLUMNS``; empty cells where a value is unknown."""
+def flatten(value: Any, prefix: str) -> dict[str, Any]:
+    """Nested dicts as dotted keys; lists as JSON text (one CSV cell each)."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(value, list | tuple):
+        return {prefix: json.dumps(value, default=str)}
+    return {prefix: value}
+
+
+def run_columns(run: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored run (``Store.export_runs``) as flat CSV cells: settings, hardware, metrics."""
+    skip = {"spec", "metrics", "hardware", "model", "task", "samples"}
+    cells = {f"run.{k}": v for k, v in run.items() if k not in skip}
+    cells.update(flatten(run.get("spec") or {}, "spec"))
+    cells.update(flatten(run.get("hardware") or {}, "hardware"))
+    cells.update(flatten(run.get("metrics") or {}, "metrics"))
+    return cells
+
+
+def to_csv(rows: Sequence[PerRow], runs: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """CSV with a header of ``COLUMNS`` (then, with ``runs`` by run id, each run's stored
+    settings, hardware and metrics as ``spec.*``, ``hardware.*``, ``metrics.*`` columns);
+    empty cells where a value is unknown."""
+    records = [row_record(r) for r in rows]
+    extra: list[dict[str, Any]] = []
+    names: dict[str, None] = {}
+    for record in records:
+        run = (runs or {}).get(record["run_id"] or "")
+        cells = run_columns(run) if run is not None else {}
+        extra.append(cells)
+        names.update(dict.fromkeys(cells))
+    header = [*COLUMNS, *names]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for row in rows:
-        record = row_record(row)
-        writer.writerow([_csv_cell(record[c]) for c in COLUMNS])
+    writer.writerow(header)
+    for record, cells in zip(records, extra, strict=True):
+        merged = {**record, **cells}
+        writer.writerow([_csv_cell(merged.get(c)) for c in header])
     return out.getvalue()
 
 
-def to_json(rows: Sequence[PerRow]) -> str:
-    """A JSON array of objects with the keys of ``COLUMNS`` (``null`` where unknown)."""
-    return json.dumps([row_record(r) for r in rows], indent=2) + "\n"
+def to_json(
+    rows: Sequence[PerRow],
+    runs: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    ranked_by: str = "per",
+    grid: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> str:
+    """A JSON object: format, versions, units, the grid and PER options used, and ``rows``
+    (objects with the keys of ``COLUMNS``, ``null`` where unknown; with ``runs``, each row's
+    ``run`` holds the run as stored, for ``slmtui import``)."""
+    from slmtui import __version__
+
+    body = []
+    for row in rows:
+        record = row_record(row)
+        run = (runs or {}).get(record["run_id"] or "")
+        if run is not None:
+            record["run"] = dict(run)
+        body.append(record)
+    document = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "slmtui_version": __version__,
+        "ranked_by": ranked_by,
+        "per_options": dict(options or {}),
+        "grid": dict(grid) if grid is not None else None,
+        "units": UNITS,
+        "rows": body,
+    }
+    return json.dumps(document, indent=2, default=str) + "\n"
 
 
 def _md_escape(text: str) -> str:
@@ -103,10 +225,13 @@ def _md_table(header: Sequence[str], align: str, body: Sequence[Sequence[str]]) 
     return lines
 
 
-def to_markdown(rows: Sequence[PerRow]) -> str:
-    """One table per task (best first, Pareto rows marked), then an overview across tasks."""
-    lines: list[str] = ["# PER by task", "", PER_NOTE, ""]
+def to_markdown(rows: Sequence[PerRow], *, by: str = "per") -> str:
+    """One table per task (best first by ``by``, Pareto rows marked, the deciding factor
+    named), then an overview across tasks."""
+    label = SCORE_LABELS[by]
+    lines: list[str] = ["# PER by task", "", f"Ranked by {label}. {PER_NOTE}", "", SCORES_NOTE, ""]
     energy = any(r.energy_n is not None for r in rows)
+    carbon = any(r.input.extra.get("co2_run_g") is not None for r in rows)
     for task, task_rows in group_by_task(rows).items():
         unit = common_unit(task_rows)
         header = [
@@ -117,35 +242,50 @@ def to_markdown(rows: Sequence[PerRow]) -> str:
             f"LAT ({latency_unit(unit)})",
             "MEM (MB)",
             *(["Energy (J)"] if energy else []),
+            *(["CO2 (g/run)", "CO2 (g/correct)"] if carbon else []),
             "PER",
+            "PER-rel",
+            "Limited by",
             "Pareto",
         ]
         body = [
             [
-                str(r.rank),
+                str(r.rank_by(by)),
                 _md_escape(r.model),
                 f"{r.input.accuracy:.3f}",
                 format_throughput(r, with_unit=unit is None),
                 f"{r.input.latency_ms:.2f}",
                 f"{r.input.memory_mb:,.0f}",
                 *([format_energy(r.input.energy_j)] if energy else []),
+                *(
+                    [
+                        format_grams(r.input.extra.get("co2_run_g")),
+                        format_grams(r.input.extra.get("co2_per_correct_g")),
+                    ]
+                    if carbon
+                    else []
+                ),
                 f"{r.per:.3f}",
+                f"{r.per_rel:.3f}",
+                r.limiting or "",
                 "yes" if r.pareto else "",
             ]
             for r in task_rows
         ]
-        align = "rlrrrr" + ("r" if energy else "") + "rl"
+        align = "rlrrrr" + ("r" if energy else "") + ("rr" if carbon else "") + "rrll"
         lines += [f"## {_md_escape(task)}", "", *_md_table(header, align, body), ""]
+        if (found := lead(task_rows)) is not None:
+            lines += [found.sentence(), ""]
     tasks = list(group_by_task(rows))
     if len(tasks) > 1:
-        summaries = summarise_models(rows)
-        header = ["Model", "Mean PER", "Tasks", *map(_md_escape, tasks)]
+        summaries = summarise_models(rows, by)
+        header = ["Model", f"Mean {label}", "Tasks", *map(_md_escape, tasks)]
         body = [
             [
                 _md_escape(s.model),
-                f"{s.mean_per:.3f}",
+                f"{s.mean(by):.3f}",
                 str(s.tasks),
-                *(f"{s.per_by_task[t]:.3f}" if t in s.per_by_task else "-" for t in tasks),
+                *(f"{s.by_task(by)[t]:.3f}" if t in s.by_task(by) else "-" for t in tasks),
             ]
             for s in summaries
         ]
@@ -185,3 +325,8 @@ def format_throughput(row: PerRow, *, with_unit: bool) -> str:
 
 def format_energy(energy_j: float | None) -> str:
     return "-" if energy_j is None else f"{energy_j:.3g}"
+
+
+def format_grams(grams: float | None) -> str:
+    """gCO2e with 3 significant digits; "-" when absent (no energy measured, e.g. on CPU)."""
+    return "-" if grams is None else f"{grams:.3g}"

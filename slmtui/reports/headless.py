@@ -25,6 +25,7 @@ from rich.text import Text
 
 from slmtui import paths
 from slmtui import profile as profiles
+from slmtui.carbon import Grid
 from slmtui.catalog import hub_model_unavailable
 from slmtui.errors import UserError
 from slmtui.per import compute_per
@@ -55,7 +56,7 @@ def run_headless(
     """
     out = out or Console()
     err = err or Console(stderr=True)
-    specs, label = _load_specs(args)
+    specs, label, grid = _load_specs(args)
     gpus = detect_gpus() if inventory is None else list(inventory)
     check_fits(specs, gpus)
     db = Path(args.db).expanduser() if getattr(args, "db", None) else paths.default_db_path()
@@ -82,7 +83,7 @@ def run_headless(
         keys = {spec.run_key for spec in specs}
         results = [r for r in store.results() if r.run_key in keys]
 
-    _print_per(results, out, title=f"PER · {label} · {db}")
+    _print_per(results, out, title=f"PER · {label} · {db}", grid=grid)
     failed = [s for s in states if s.status != "finished"]
     _print_failures(failed, out)
     if interrupted:
@@ -94,7 +95,7 @@ def run_headless(
     return 1 if failed else 0
 
 
-def _load_specs(args: argparse.Namespace) -> tuple[list[RunSpec], str]:
+def _load_specs(args: argparse.Namespace) -> tuple[list[RunSpec], str, Grid]:
     """The profile's runs with the command line's overrides; every check that can fail."""
     limit = getattr(args, "limit", None)
     timeout_s = getattr(args, "timeout", None)
@@ -108,7 +109,7 @@ def _load_specs(args: argparse.Namespace) -> tuple[list[RunSpec], str]:
     _check_models_and_data(specs, f"profile {path}" if path else "embedded profile")
     if timeout_s is not None:
         specs = [replace(spec, timeout_s=float(timeout_s)) for spec in specs]
-    return specs, f"profile {profile.name}"
+    return specs, f"profile {profile.name}", profile.settings.grid
 
 
 def _check_models_and_data(specs: Sequence[RunSpec], where: str) -> None:
@@ -246,21 +247,26 @@ def _ended_line(state: RunState) -> Text:
     if state.status == "finished":
         speed, latency = _speed_cells(state)
         parts = [f"acc {_accuracy_cell(state)}", speed, latency, f"{_memory_cell(state)} MB"]
+        if (state.metrics or {}).get("engine_fallback"):
+            parts.append(f"ran {state.metrics['engine']}: {state.metrics['engine_fallback']}")
         return Text(f"✓ {state.label}: " + ", ".join(p for p in parts if p.strip()) + took, "green")
     error = state.error
     why = f"{error.reason}: {error.message}" if error else state.status
     return Text(f"✗ {state.label}: {why}{took}", style="red")
 
 
-def _print_per(results: list[ResultRow], out: Console, *, title: str) -> None:
+def _print_per(results: list[ResultRow], out: Console, *, title: str, grid: Grid) -> None:
     if not results:
         out.print("No finished results for this profile yet.")
         return
-    built = build_per_inputs(results)
+    built = build_per_inputs(results, grid=grid)
     for note in built.notes:
         out.print(Text(f"note: {note}", style="dim"))
+    for row in results:
+        if fallback := (row.metrics or {}).get("engine_fallback"):
+            out.print(Text(f"note: {row.model} · {row.task} ran plain: {fallback}", style="yellow"))
     if built.inputs:
-        render_per_tables(compute_per(built.inputs), out, title=title)
+        render_per_tables(compute_per(built.inputs), out, title=title, grid_label=grid.label)
 
 
 def _print_failures(failed: list[RunState], out: Console) -> None:

@@ -1,19 +1,31 @@
-"""`slmtui run PROFILE --detach`, `slmtui status` and `slmtui stop`: the store's scheduler
-service from the command line (``slmtui.scheduler.service``; the console re-attaches to it)."""
+"""The store's scheduler service from the command line: `slmtui serve` (the service itself,
+which the console and `run --detach` start for you), `slmtui run PROFILE --detach`,
+`slmtui status` and `slmtui stop` (clients; the console re-attaches the same way).
+
+The service is composed here, above both the scheduler and the store (neither imports the
+other): ``slmtui.scheduler.service`` serves a scheduler on the store's socket.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 from slmtui import paths
 from slmtui.plan import plan_runs
 from slmtui.reports.headless import _load_specs, _plan_line, progress_table
-from slmtui.scheduler import check_fits, detect_gpus
+from slmtui.scheduler import Scheduler, check_fits, detect_gpus, worker_command
+from slmtui.scheduler.address import service_address
 from slmtui.scheduler.client import ServiceClient
+from slmtui.scheduler.scheduler import CommandFactory
+from slmtui.scheduler.service import IDLE_EXIT_S, run_service, say, store_lock
+from slmtui.spec import RunSpec
 from slmtui.store import Store
 
 
@@ -30,7 +42,7 @@ def run_detached(
     """
     out = out or Console()
     err = err or Console(stderr=True)
-    specs, label = _load_specs(args)
+    specs, label, _grid = _load_specs(args)
     gpus = detect_gpus()
     check_fits(specs, gpus)
     db = _db(args)
@@ -101,3 +113,49 @@ def stop_command(args: argparse.Namespace, *, out: Console | None = None) -> int
         else f"Asked {n} run(s) to stop; some are still stopping (`slmtui status`)."
     )
     return 0 if stopped else 1
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Run the store's scheduler service in this process until it is stopped or idle.
+
+    Exit 0 at once when another service holds the store (it serves the clients).
+    """
+    address = service_address(_db(args))
+    factory = worker_command
+    if getattr(args, "worker_prefix", None):
+        factory = prefix_factory(json.loads(args.worker_prefix))
+    with store_lock(address) as held:
+        if not held:
+            say(f"a scheduler service already serves {address.db}")
+            return 0
+        store = Store(address.db, keep_queued=True)
+        try:
+            for run_id in store.recovered:
+                say(f"run {run_id} was running when its scheduler died: marked crashed")
+            kwargs: dict[str, Any] = {}
+            if getattr(args, "hang_grace_s", None) is not None:
+                kwargs["hang_grace_s"] = args.hang_grace_s
+            scheduler = Scheduler(store, command_factory=factory, handle_signals=False, **kwargs)
+            adopted = store.adopt_queued()
+            if adopted:
+                say(f"{len(adopted)} queued run(s) of a scheduler that died adopted")
+            scheduler.requeue((row.run_id, row.spec, row.queued_at) for row in adopted)
+            idle_exit_s = getattr(args, "idle_exit_s", None)
+            run_service(
+                scheduler, address, idle_exit_s=IDLE_EXIT_S if idle_exit_s is None else idle_exit_s
+            )
+        finally:
+            store.close()
+    return 0
+
+
+def prefix_factory(prefix: Sequence[str]) -> CommandFactory:
+    """Workers started as ``PREFIX --spec-json J --run-id R`` (tests, debugging)."""
+
+    def factory(
+        spec: RunSpec, run_id: str, gpu_ids: Sequence[int]
+    ) -> tuple[list[str], dict[str, str]]:
+        argv, env = worker_command(spec, run_id, gpu_ids)
+        return [*prefix, *argv[argv.index("--spec-json") :]], env
+
+    return factory

@@ -57,14 +57,7 @@ def start_service(address: Address, extra_args: Sequence[str] = ()) -> None:
     a second one started by a racing client finds the lock taken and exits at once."""
     with open(address.log_path, "ab") as log:
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "slmtui.scheduler.service",
-                "--db",
-                str(address.db),
-                *extra_args,
-            ],
+            [sys.executable, "-m", "slmtui", "serve", "--db", str(address.db), *extra_args],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

@@ -1,16 +1,19 @@
-"""Which GPUs this box lends to runs: NVML's devices, limited by slmtui's CUDA_VISIBLE_DEVICES.
+"""Which GPUs this box lends to runs: the GPU backend's devices (``telemetry/backend.py``; NVML),
+limited by slmtui's CUDA_VISIBLE_DEVICES.
 
-GPUs are named by their NVML index (the index ``nvidia-smi`` shows, PCI bus order). Workers get
-those indices in CUDA_VISIBLE_DEVICES together with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, so CUDA
-numbers them the same way. Without NVML (no driver, no GPU) the inventory is empty: a CPU box.
+GPUs are named by their backend index (for NVML the index ``nvidia-smi`` shows, PCI bus order).
+Workers get those indices in CUDA_VISIBLE_DEVICES together with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``,
+so CUDA numbers them the same way. Without a backend (no driver, no GPU) the inventory is empty:
+a CPU box.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from slmtui.telemetry.backend import GpuError, open_backend, visible_devices
 
 _MB = 1024 * 1024
 
@@ -38,50 +41,34 @@ def detect_gpus(cuda_visible_devices: str | None = None) -> list[Gpu]:
 
 
 def read_nvml_devices() -> list[Gpu]:
-    """Every device NVML sees, in NVML index order; empty when NVML is unavailable."""
+    """Every device the GPU backend sees, in its index order; empty when there is none."""
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
+        backend = open_backend()
+    except GpuError:
         return []
-    try:
-        devices: list[Gpu] = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            devices.append(
-                Gpu(
-                    index=index,
-                    name=_text(pynvml.nvmlDeviceGetName(handle)),
-                    total_mb=memory.total / _MB,
-                    free_mb=memory.free / _MB,
-                    uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
+    with backend:
+        try:
+            devices: list[Gpu] = []
+            for device in backend.devices():
+                handle = backend.handle(device.index)
+                devices.append(
+                    Gpu(
+                        index=device.index,
+                        name=device.name,
+                        total_mb=backend.memory_total_mb(handle),
+                        free_mb=backend.memory_free_mb(handle),
+                        uuid=device.uuid,
+                    )
                 )
-            )
-        return devices
-    except Exception:
-        return []
-    finally:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
+            return devices
+        except GpuError:
+            return []
 
 
 def select_visible(devices: Sequence[Gpu], cuda_visible_devices: str | None) -> list[Gpu]:
-    """The devices CUDA_VISIBLE_DEVICES names, in its order, read as CUDA reads it.
-
-    Unset: all devices. Entries are indices or (prefixes of) UUIDs; as in CUDA, the list ends
-    at the first entry that names no device, so "" and "-1" hide every GPU.
-    """
-    if cuda_visible_devices is None:
-        return list(devices)
-    chosen: list[Gpu] = []
-    for token in (t.strip() for t in cuda_visible_devices.split(",")):
-        match = _find(devices, token)
-        if match is None or match in chosen:
-            break
-        chosen.append(match)
-    return chosen
+    """The devices CUDA_VISIBLE_DEVICES names, in its order, read as CUDA reads it (one reading
+    for the whole tree: ``telemetry.backend.visible_devices``)."""
+    return visible_devices(devices, cuda_visible_devices)
 
 
 def describe_box(gpus: Sequence[Gpu], cuda_visible_devices: str | None = None) -> str:
@@ -94,16 +81,3 @@ def describe_box(gpus: Sequence[Gpu], cuda_visible_devices: str | None = None) -
             return f"this box lends none (CUDA_VISIBLE_DEVICES={cuda_visible_devices!r})"
         return "this box has none (no NVIDIA GPU found through NVML)"
     return f"this box has {len(gpus)}{where}"
-
-
-def _find(devices: Sequence[Gpu], token: str) -> Gpu | None:
-    if token.isdigit():
-        return next((d for d in devices if d.index == int(token)), None)
-    if token.startswith("GPU-"):
-        hits = [d for d in devices if d.uuid.startswith(token)]
-        return hits[0] if len(hits) == 1 else None
-    return None
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value

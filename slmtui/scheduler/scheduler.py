@@ -33,6 +33,7 @@ from types import FrameType
 from typing import Any, Protocol
 
 from slmtui import paths
+from slmtui.errors import StoreWriteError
 from slmtui.protocol import (
     Event,
     ProtocolError,
@@ -49,7 +50,6 @@ from slmtui.scheduler.gpus import Gpu, detect_gpus
 from slmtui.scheduler.launch import WorkerProcess, describe_exit, log_tail, worker_command
 from slmtui.scheduler.packing import Pending, check_fits, pack
 from slmtui.spec import RunSpec
-from slmtui.store.store import StoreWriteError
 
 CommandFactory = Callable[[RunSpec, str, Sequence[int]], tuple[list[str], dict[str, str]]]
 """(spec, run_id, gpu_ids) -> (argv, env): how a worker is started (tests inject fakes)."""

@@ -1,13 +1,13 @@
 """The scheduler service: one background process per store that owns its runs, so they outlive
 the console (a closed terminal, a dropped SSH link, ``q`` → "leave running").
 
-``python -m slmtui.scheduler.service --db DB`` (``slmtui.scheduler.client.ensure_service``
-starts it in a session of its own, so the terminal's SIGHUP never reaches it). It holds an
-exclusive ``flock`` on the store's lock file for its whole life — the kernel drops a dead
-owner's lock, so a killed service never blocks the next one — then opens the store (runs a dead
-scheduler left running are marked crashed; its queued runs are adopted and run), and serves
-clients on the store's Unix socket (``slmtui.scheduler.address``; owner-only). Every event is
-committed to the store by the scheduler before it is sent to the clients.
+``slmtui serve --db DB`` (``slmtui.reports.service``; ``slmtui.scheduler.client.ensure_service``
+starts it in a session of its own, so the terminal's SIGHUP never reaches it) holds the store's
+``store_lock`` for its whole life — an exclusive ``flock``, which the kernel drops with a dead
+owner, so a killed service never blocks the next one — opens the store (runs a dead scheduler
+left running are marked crashed; its queued runs are adopted and run), and calls
+``run_service``: clients are served on the store's Unix socket (``slmtui.scheduler.address``;
+owner-only). Every event is committed to the store by the scheduler before it is sent.
 
 It exits when asked (``shutdown``, SIGTERM, SIGINT: the runs are cancelled first), or when it
 has had no run and no client for ``idle_exit_s``. SIGHUP is ignored.
@@ -15,7 +15,6 @@ has had no run and no client for ``idle_exit_s``. SIGHUP is ignored.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import json
@@ -26,18 +25,15 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from slmtui.errors import UserError
 from slmtui.protocol import Event
 from slmtui.scheduler import wire
-from slmtui.scheduler.address import Address, peer_allowed, peer_uid, service_address
-from slmtui.scheduler.launch import worker_command
-from slmtui.scheduler.scheduler import CommandFactory, Scheduler
+from slmtui.scheduler.address import Address, peer_allowed, peer_uid
+from slmtui.scheduler.scheduler import Scheduler
 from slmtui.spec import RunSpec
-from slmtui.store import Store
 
 IDLE_EXIT_S = 300.0
 """A service with no run and no client for this long exits (the next launch starts another)."""
@@ -264,49 +260,31 @@ class Service:
                 writer.join(max(0.0, deadline - time.monotonic()))
 
 
-def serve(
-    db: str | os.PathLike[str],
-    *,
-    idle_exit_s: float = IDLE_EXIT_S,
-    command_factory: CommandFactory = worker_command,
-    hang_grace_s: float | None = None,
-) -> int:
-    """Run the service for the store at ``db`` until asked to stop or idle; the exit code.
-
-    Exit 0 at once when another service holds the store's lock (it serves the clients).
-    """
-    address = service_address(db)
-    lock_fd = os.open(address.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+@contextlib.contextmanager
+def store_lock(address: Address) -> Iterator[bool]:
+    """Hold the store's service lock for the block: yields False at once when another live
+    service holds it. An exclusive ``flock``: the kernel drops it with its holder's death."""
+    fd = os.open(address.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock_fd)
-        _say(f"a scheduler service already serves {address.db}")
-        return 0
-    os.ftruncate(lock_fd, 0)
-    os.write(lock_fd, f"{os.getpid()}\n".encode())
-    try:
-        return _serve_locked(address, idle_exit_s, command_factory, hang_grace_s)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield True
     finally:
-        os.close(lock_fd)  # the lock goes with it
+        os.close(fd)  # the lock goes with it
 
 
-def _serve_locked(
-    address: Address,
-    idle_exit_s: float,
-    command_factory: CommandFactory,
-    hang_grace_s: float | None,
-) -> int:
-    store = Store(address.db, keep_queued=True)
-    for run_id in store.recovered:
-        _say(f"run {run_id} was running when its scheduler died: marked crashed")
-    kwargs: dict[str, Any] = {} if hang_grace_s is None else {"hang_grace_s": hang_grace_s}
-    scheduler = Scheduler(store, command_factory=command_factory, handle_signals=False, **kwargs)
-    adopted = store.adopt_queued()
-    scheduler.requeue((row.run_id, row.spec, row.queued_at) for row in adopted)
-
+def run_service(
+    scheduler: Scheduler, address: Address, *, idle_exit_s: float = IDLE_EXIT_S
+) -> None:
+    """Serve ``scheduler`` on the store's socket until asked to stop (``shutdown``, SIGTERM,
+    SIGINT) or idle; then cancel what is left and hang up. Call it holding ``store_lock``."""
     with contextlib.suppress(FileNotFoundError):
-        address.socket_path.unlink()  # a dead service's: we hold the lock
+        address.socket_path.unlink()  # a dead service's: the caller holds the lock
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
@@ -326,10 +304,7 @@ def _serve_locked(
     scheduler.start()
     accept = threading.Thread(target=service.accept_loop, name="slmtui-accept", daemon=True)
     accept.start()
-    _say(
-        f"scheduler service {os.getpid()} serves {address.db} on {address.socket_path}"
-        f" ({len(adopted)} queued run(s) adopted)"
-    )
+    say(f"scheduler service {os.getpid()} serves {address.db} on {address.socket_path}")
     try:
         while not service.stop.wait(0.5):
             if service.idle():
@@ -342,50 +317,9 @@ def _serve_locked(
         scheduler.shutdown()  # cancels what is left; waits for the workers to go
         service.close_clients()
         listener.close()
-        store.close()
-    return 0
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     """One line to the service's log; a log that is gone (a closed pipe) never stops it."""
     with contextlib.suppress(OSError, ValueError):
         print(f"slmtui: {message}", file=sys.stderr, flush=True)
-
-
-def _fake_prefix_factory(prefix: Sequence[str]) -> CommandFactory:
-    """Workers started as ``PREFIX --spec-json J --run-id R`` (tests, debugging)."""
-
-    def factory(spec: RunSpec, run_id: str, gpu_ids: Sequence[int]) -> tuple[list[str], dict]:
-        argv, env = worker_command(spec, run_id, gpu_ids)
-        return [*prefix, *argv[argv.index("--spec-json") :]], env
-
-    return factory
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m slmtui.scheduler.service")
-    parser.add_argument("--db", required=True, help="the results store this service owns")
-    parser.add_argument("--idle-exit-s", type=float, default=IDLE_EXIT_S)
-    parser.add_argument("--hang-grace-s", type=float, default=None)
-    parser.add_argument(
-        "--worker-prefix",
-        help="JSON list: start workers with this argv instead of python -m slmtui.worker",
-    )
-    args = parser.parse_args(argv)
-    factory = worker_command
-    if args.worker_prefix:
-        factory = _fake_prefix_factory(json.loads(args.worker_prefix))
-    try:
-        return serve(
-            Path(args.db),
-            idle_exit_s=args.idle_exit_s,
-            command_factory=factory,
-            hang_grace_s=args.hang_grace_s,
-        )
-    except UserError as exc:
-        print(f"slmtui: error: {exc}", file=sys.stderr)
-        return UserError.exit_code
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -3,6 +3,7 @@
 from slmtui.store.store import (
     RUN_STATUSES,
     TERMINAL_STATUSES,
+    ImportResult,
     ResultRow,
     RunRow,
     RunStatus,
@@ -14,6 +15,7 @@ from slmtui.store.store import (
 __all__ = [
     "RUN_STATUSES",
     "TERMINAL_STATUSES",
+    "ImportResult",
     "ResultRow",
     "RunRow",
     "RunStatus",

@@ -17,7 +17,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,7 @@ from typing import Any, Literal
 import psutil
 
 from slmtui import paths
-from slmtui.errors import UserError
+from slmtui.errors import StoreWriteError, UserError
 from slmtui.protocol import (
     Event,
     RunFailed,
@@ -136,8 +136,15 @@ class SampleRow:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class StoreWriteError(UserError):
-    """The store could not be written (disk full, read-only, I/O error): one line for users."""
+@dataclass(frozen=True)
+class ImportResult:
+    """What ``Store.import_runs`` did, by run id."""
+
+    added: list[str]
+    skipped: list[str]
+    """Already stored (same run id): this store's copy is kept."""
+    unended: list[str]
+    """Queued or running in the source: not taken."""
 
 
 class Store:
@@ -378,6 +385,73 @@ class Store:
             for r in rows
         ]
 
+    # -- moving runs between stores ---------------------------------------------------------
+
+    def export_runs(self, run_ids: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Runs as stored (every column; spec, hardware and metrics as objects) by run id, for
+        exports that ``import_runs`` can read back. ``None``: every run."""
+        if run_ids is None:
+            rows = self._select("SELECT * FROM runs ORDER BY queued_at, rowid", [])
+        else:
+            ids = list(run_ids)
+            rows = []
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                rows += self._select(
+                    f"SELECT * FROM runs WHERE run_id IN ({', '.join('?' * len(chunk))})", chunk
+                )
+        return {r["run_id"]: run_record(r) for r in rows}
+
+    def import_runs(
+        self,
+        records: Iterable[Mapping[str, Any]],
+        samples: Mapping[str, Sequence[SampleRow]] | None = None,
+        *,
+        source: str = "import",
+    ) -> ImportResult:
+        """Add runs (``export_runs`` records) that this store lacks, with their ``samples``;
+        a run id already stored is skipped (deduplicated). Only ended runs (finished, failed,
+        cancelled) are taken. One transaction: a bad record adds nothing and raises UserError
+        naming ``source`` and the record."""
+        rows = []
+        for n, record in enumerate(records, start=1):
+            rows.append(_import_row(record, f"{source}: run #{n}"))
+        added: list[str] = []
+        skipped: list[str] = []
+        unended: list[str] = []
+        with self._transaction(durable=True) as conn:
+            for row in rows:
+                if row["status"] not in TERMINAL_STATUSES:
+                    unended.append(row["run_id"])
+                    continue
+                names = list(row)
+                cursor = conn.execute(
+                    f"INSERT INTO runs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+                    " ON CONFLICT (run_id) DO NOTHING",
+                    [row[k] for k in names],
+                )
+                if cursor.rowcount == 0:
+                    skipped.append(row["run_id"])
+                    continue
+                added.append(row["run_id"])
+                for sample in (samples or {}).get(row["run_id"], ()):
+                    conn.execute(
+                        "INSERT OR REPLACE INTO samples"
+                        " (run_id, idx, item_id, prompt, output, gold, score, extra_json)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            row["run_id"],
+                            sample.index,
+                            sample.item_id,
+                            sample.prompt,
+                            sample.output,
+                            sample.gold,
+                            float(sample.score),
+                            _dumps(sample.extra),
+                        ),
+                    )
+        return ImportResult(added=added, skipped=skipped, unended=unended)
+
     @property
     def schema_version(self) -> int:
         return SCHEMA_VERSION
@@ -495,6 +569,70 @@ def _number(value: Any) -> float | None:
 
 def _loads(text: str | None) -> dict[str, Any]:
     return json.loads(text) if text else {}
+
+
+_JSON_COLUMNS = {"spec_json": "spec", "hardware_json": "hardware", "metrics_json": "metrics"}
+_RUN_COLUMNS: dict[str, tuple[type, ...]] = {
+    "run_id": (str,),
+    "run_key": (str,),
+    "model": (str,),
+    "task": (str,),
+    "gpus": (int,),
+    "engine": (str,),
+    "status": (str,),
+    "queued_at": (int, float),
+    "started_at": (int, float, type(None)),
+    "finished_at": (int, float, type(None)),
+    "worker_pid": (int, type(None)),
+    "app_pid": (int,),
+    "app_started_at": (int, float),
+    "accuracy": (int, float, type(None)),
+    "throughput": (int, float, type(None)),
+    "throughput_unit": (str, type(None)),
+    "latency_ms": (int, float, type(None)),
+    "memory_mb": (int, float, type(None)),
+    "energy_j": (int, float, type(None)),
+    "error_reason": (str, type(None)),
+    "error_message": (str, type(None)),
+    "log_tail": (str, type(None)),
+}
+"""The runs table's plain columns and the JSON types an imported record may give them."""
+
+
+def run_record(r: Mapping[str, Any]) -> dict[str, Any]:
+    """A runs-table row with its JSON columns as objects (``spec``, ``hardware``, ``metrics``)."""
+    out = {k: v for k, v in r.items() if k not in _JSON_COLUMNS}
+    for column, key in _JSON_COLUMNS.items():
+        text = r.get(column)
+        out[key] = json.loads(text) if text else None
+    return out
+
+
+def _import_row(record: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """An exported run back as a runs-table row; UserError naming ``where`` when malformed."""
+    if not isinstance(record, Mapping):
+        raise UserError(f"{where}: expected an object with the run's stored columns")
+    row: dict[str, Any] = {}
+    for column, types in _RUN_COLUMNS.items():
+        value = record.get(column)
+        if isinstance(value, bool) or not isinstance(value, types):
+            allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise UserError(f"{where}: '{column}' must be {allowed}, got {value!r}")
+        row[column] = value
+    where = f"{where} ({row['run_id']})"
+    if row["status"] not in RUN_STATUSES:
+        raise UserError(f"{where}: status '{row['status']}' is not one of {RUN_STATUSES}")
+    try:
+        spec = RunSpec.from_dict(record.get("spec"))  # type: ignore[arg-type]
+    except Exception as exc:  # any malformed spec is the file's fault
+        raise UserError(f"{where}: 'spec' is not a run spec ({exc})") from None
+    row["spec_json"] = spec.to_json()
+    for column, key in (("hardware_json", "hardware"), ("metrics_json", "metrics")):
+        value = record.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise UserError(f"{where}: '{key}' must be an object or null")
+        row[column] = None if value is None else _dumps(value)
+    return row
 
 
 def _run_row(r: dict[str, Any]) -> RunRow:

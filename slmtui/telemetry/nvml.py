@@ -1,4 +1,4 @@
-"""A thin NVML wrapper: every pynvml call goes through one method that translates its errors.
+"""The NVML GPU backend: every pynvml call goes through one method that translates its errors.
 
 Callers see two things only: plain values in slmtui's units (MB = MiB, W, mJ, %), or an
 ``NvmlError``. Whatever pynvml raises (``NVMLError_*``, a missing shared library, a function an old
@@ -6,21 +6,25 @@ driver lacks, a ctypes failure) becomes ``NvmlError`` at :meth:`Nvml.call`, so a
 needs exactly one ``except``. ``pynvml`` is imported lazily (``import pynvml`` inside
 :func:`open_nvml`), which is also how the tests replace it: a fake module in ``sys.modules``.
 
-NVML ignores CUDA_VISIBLE_DEVICES: :func:`nvml_indices_for` maps the worker's CUDA ordinals to NVML
-indices the way CUDA reads that variable (indices or UUID prefixes; the list ends at the first entry
-that names no device). Integer entries are NVML indices when ``CUDA_DEVICE_ORDER=PCI_BUS_ID``,
-which the scheduler sets for every worker.
+NVML ignores CUDA_VISIBLE_DEVICES: ``backend.backend_indices_for`` maps the worker's CUDA ordinals
+to NVML indices the way CUDA reads that variable. Integer entries are NVML indices when
+``CUDA_DEVICE_ORDER=PCI_BUS_ID``, which the scheduler sets for every worker.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, TypeVar
+
+from slmtui.telemetry.backend import (
+    GpuDevice,
+    GpuError,
+    GpuProcess,
+    backend_indices_for,
+)
 
 _MB = 1024 * 1024
 _T = TypeVar("_T")
@@ -29,14 +33,10 @@ _T = TypeVar("_T")
 _UNSUPPORTED_CODES = frozenset({3, 13})  # NOT_SUPPORTED, FUNCTION_NOT_FOUND
 
 
-class NvmlError(Exception):
+class NvmlError(GpuError):
     """An NVML call failed; ``op`` names the call, ``code`` is NVML's return code if it gave one."""
 
-    def __init__(self, op: str, detail: str, code: int | None = None) -> None:
-        super().__init__(f"NVML {op}: {detail}")
-        self.op = op
-        self.detail = detail
-        self.code = code
+    backend = "NVML"
 
     @property
     def unsupported(self) -> bool:
@@ -44,32 +44,19 @@ class NvmlError(Exception):
         return self.code in _UNSUPPORTED_CODES
 
 
-@dataclass(frozen=True)
-class NvmlProcess:
-    """A process NVML lists on a device."""
-
-    pid: int
-    """As NVML reports it: a host PID, which differs from ours inside a PID namespace."""
-    used_mb: float | None
-    """Device memory the process holds, MiB, its CUDA context included; None if not reported."""
-
-
-@dataclass(frozen=True)
-class NvmlDevice:
-    """One device as NVML names it."""
-
-    index: int
-    """NVML index (PCI bus order, as ``nvidia-smi`` shows)."""
-    uuid: str
-    name: str
+NvmlProcess = GpuProcess
+NvmlDevice = GpuDevice
 
 
 class Nvml:
-    """An initialised NVML session over a pynvml-like module. Close it (or use ``with``).
+    """An initialised NVML session over a pynvml-like module: the ``nvml`` GPU backend
+    (``telemetry/backend.py``). Close it (or use ``with``).
 
     NVML's init/shutdown are reference counted by the library, so several sessions in one process
     (the sampler, :func:`hardware_identity`) do not disturb each other.
     """
+
+    kind = "nvml"
 
     def __init__(self, module: ModuleType) -> None:
         self._nvml = module
@@ -151,6 +138,11 @@ class Nvml:
         info = self.call("memory info", self._fn("nvmlDeviceGetMemoryInfo"), handle)
         return float(info.total) / _MB
 
+    def memory_free_mb(self, handle: Any) -> float:
+        """Memory free on the device now (other users' processes count), MiB."""
+        info = self.call("memory info", self._fn("nvmlDeviceGetMemoryInfo"), handle)
+        return float(info.free) / _MB
+
     def utilization_pct(self, handle: Any) -> float:
         """Percent of the last sample period in which a kernel ran (NVML's ``gpu`` utilisation)."""
         rates = self.call("utilization", self._fn("nvmlDeviceGetUtilizationRates"), handle)
@@ -207,49 +199,8 @@ def nvml_available() -> bool:
         return False
 
 
-def nvml_indices_for(
-    gpu_indices: Sequence[int],
-    devices: Sequence[NvmlDevice],
-    cuda_visible_devices: str | None = None,
-) -> list[int]:
-    """NVML indices of the worker's CUDA ordinals ``gpu_indices`` (read via CUDA_VISIBLE_DEVICES).
-
-    ``cuda_visible_devices`` defaults to the environment's. Raises ``NvmlError`` (op "map") when an
-    ordinal names no visible device, e.g. a MIG instance or an index past the list.
-    """
-    if cuda_visible_devices is None:
-        cuda_visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
-    visible = visible_devices(devices, cuda_visible_devices)
-    mapped = []
-    for ordinal in gpu_indices:
-        if not 0 <= ordinal < len(visible):
-            raise NvmlError(
-                "map",
-                f"CUDA device {ordinal} is not among the {len(visible)} visible "
-                f"(CUDA_VISIBLE_DEVICES={cuda_visible_devices!r})",
-            )
-        mapped.append(visible[ordinal].index)
-    return mapped
-
-
-def visible_devices(
-    devices: Sequence[NvmlDevice], cuda_visible_devices: str | None
-) -> list[NvmlDevice]:
-    """The devices CUDA_VISIBLE_DEVICES leaves, in CUDA ordinal order (None: all of them)."""
-    if cuda_visible_devices is None:
-        return list(devices)
-    chosen: list[NvmlDevice] = []
-    for token in (t.strip() for t in cuda_visible_devices.split(",")):
-        match: NvmlDevice | None = None
-        if token.isdigit():
-            match = next((d for d in devices if d.index == int(token)), None)
-        elif token.startswith("GPU-"):
-            hits = [d for d in devices if d.uuid.startswith(token)]
-            match = hits[0] if len(hits) == 1 else None
-        if match is None or match in chosen:
-            break
-        chosen.append(match)
-    return chosen
+nvml_indices_for = backend_indices_for
+"""NVML indices of the worker's CUDA ordinals (``backend.backend_indices_for``)."""
 
 
 def _text(value: str | bytes) -> str:

@@ -33,8 +33,8 @@ from typing import Any
 
 import psutil
 
+from slmtui.telemetry.backend import GpuBackend, GpuError, backend_indices_for, open_backend
 from slmtui.telemetry.energy import TimeIntegral, counter_delta_j, energy_metrics
-from slmtui.telemetry.nvml import Nvml, NvmlError, nvml_indices_for, open_nvml
 from slmtui.telemetry.series import Series
 
 _MB = 1024 * 1024
@@ -157,7 +157,7 @@ class TelemetrySampler:
         *,
         max_series_points: int = 300,
         cuda_visible_devices: str | None = None,
-        nvml_factory: Callable[[], Nvml] = open_nvml,
+        backend_factory: Callable[[], GpuBackend] = open_backend,
         stall_s: float = NVML_STALL_S,
     ) -> None:
         if not period_s > 0:
@@ -166,8 +166,10 @@ class TelemetrySampler:
         self.pid = pid
         self.period_s = period_s
         self._cuda_visible_devices = cuda_visible_devices
-        self._nvml_factory = nvml_factory
-        self._nvml: Nvml | None = None
+        self._backend_factory = backend_factory
+        self._backend: GpuBackend | None = None
+        self._backend_kind = "none"
+        """The open backend's name ("nvml"), kept for the report after it is closed."""
         self._gpus: list[_Gpu] = []
         self._counter_supported = False
         self._degraded: str | None = None
@@ -222,9 +224,9 @@ class TelemetrySampler:
                     window, "window not ended before the sampler stopped"
                 )
             self._report = self._build_report()
-            nvml, self._nvml = self._nvml, None
-            if nvml is not None and not self._stalled:
-                self._bounded(nvml.close)
+            backend, self._backend = self._backend, None
+            if backend is not None and not self._stalled:
+                self._bounded(backend.close)
             return self._report
 
     def __enter__(self) -> TelemetrySampler:
@@ -273,28 +275,35 @@ class TelemetrySampler:
 
     def _open_gpus(self) -> None:
         try:
-            nvml = self._nvml_factory()
-        except NvmlError as exc:
-            self._degraded = f"no NVML ({exc.detail}): GPU memory, power and energy not measured"
+            backend = self._backend_factory()
+        except GpuError as exc:
+            self._degraded = (
+                f"no {exc.backend} ({exc.detail}): GPU memory, power and energy not measured"
+            )
             return
         try:
-            indices = nvml_indices_for(self.gpu_indices, nvml.devices(), self._cuda_visible_devices)
+            indices = backend_indices_for(
+                self.gpu_indices, backend.devices(), self._cuda_visible_devices
+            )
             gpus = []
             for ordinal, index in zip(self.gpu_indices, indices, strict=True):
-                handle = nvml.handle(index)
+                handle = backend.handle(index)
                 gpus.append(
-                    _Gpu(ordinal, index, handle, name=nvml.name(handle), uuid=nvml.uuid(handle))
+                    _Gpu(
+                        ordinal, index, handle, name=backend.name(handle), uuid=backend.uuid(handle)
+                    )
                 )
-        except NvmlError as exc:
-            nvml.close()
+        except GpuError as exc:
+            backend.close()
             self._degraded = f"{exc}: GPU memory, power and energy not measured"
             return
-        self._nvml, self._gpus = nvml, gpus
+        self._backend, self._gpus = backend, gpus
+        self._backend_kind = backend.kind
         self._counter_supported = True
         for gpu in gpus:
             try:
-                nvml.energy_mj(gpu.handle)
-            except NvmlError as exc:
+                backend.energy_mj(gpu.handle)
+            except GpuError as exc:
                 self._counter_supported = False
                 if not exc.unsupported:
                     self._note_error(exc)
@@ -320,20 +329,20 @@ class TelemetrySampler:
         state.n_samples += 1
         state.peaks.update("rss_mb", rss_mb)
         values: dict[str, float | None] = {"rss_mb": rss_mb}
-        if self._nvml is not None and not self._stalled:
+        if self._backend is not None and not self._stalled:
             values.update(self._sample_gpus(t_s, family))
         self._series.add(t_s, values)
         self._latest = values
 
     def _sample_gpus(self, t_s: float, family: _Family) -> dict[str, float | None]:
-        assert self._nvml is not None
+        assert self._backend is not None
         state = self._state
         failures = 0
         for gpu in self._gpus:
-            if self._stalled or self._nvml is None:
+            if self._stalled or self._backend is None:
                 return {}  # NVML was given up while a call blocked: these readings are stale
             failures += self._read_gpu(gpu, t_s, family)
-        if self._stalled or self._nvml is None:
+        if self._stalled or self._backend is None:
             return {}
         if failures == len(self._gpus) * 4:
             state.consecutive_failures += 1
@@ -343,8 +352,8 @@ class TelemetrySampler:
                     f"({state.errors[-1] if state.errors else 'unknown error'}); "
                     f"GPU sampling stopped at {t_s:.1f} s"
                 )
-                self._nvml.close()
-                self._nvml = None
+                self._backend.close()
+                self._backend = None
             return {}
         state.consecutive_failures = 0
         state.n_gpu_samples += 1
@@ -372,24 +381,24 @@ class TelemetrySampler:
 
     def _read_gpu(self, gpu: _Gpu, t_s: float, family: _Family) -> int:
         """Refresh one GPU's readings; returns how many of its 4 readings failed."""
-        nvml = self._nvml
-        assert nvml is not None
+        backend = self._backend
+        assert backend is not None
         failed = 0
         readers: list[tuple[str, Callable[[Any], float]]] = [
-            ("util_pct", nvml.utilization_pct),
-            ("power_w", nvml.power_w),
-            ("device_used_mb", nvml.memory_used_mb),
+            ("util_pct", backend.utilization_pct),
+            ("power_w", backend.power_w),
+            ("device_used_mb", backend.memory_used_mb),
         ]
         for attr, read in readers:
             try:
                 setattr(gpu, attr, read(gpu.handle))
-            except NvmlError as exc:
+            except GpuError as exc:
                 setattr(gpu, attr, None)
                 failed += 1
                 self._note_error(exc)
         try:
-            processes = nvml.processes(gpu.handle)
-        except NvmlError as exc:
+            processes = backend.processes(gpu.handle)
+        except GpuError as exc:
             gpu.process_mem_mb = None
             self._note_error(exc)
             return failed + 1
@@ -433,13 +442,13 @@ class TelemetrySampler:
             name: str | None = None
             with contextlib.suppress(psutil.Error):
                 name = psutil.Process(pid).name()
-            if name is None and self._nvml is not None:
-                with contextlib.suppress(NvmlError):
-                    name = self._nvml.process_name(pid) or None
+            if name is None and self._backend is not None:
+                with contextlib.suppress(GpuError):
+                    name = self._backend.process_name(pid) or None
             self._names[pid] = name
         return self._names[pid]
 
-    def _note_error(self, exc: NvmlError) -> None:
+    def _note_error(self, exc: GpuError) -> None:
         state = self._state
         state.n_errors += 1
         if len(state.errors) < MAX_ERRORS_KEPT:
@@ -491,11 +500,11 @@ class TelemetrySampler:
             raise RuntimeError(f"{what} needs a started, not yet stopped, TelemetrySampler")
 
     def _read_counters(self) -> tuple[list[int] | None, str | None]:
-        if self._nvml is None or not self._counter_supported:
+        if self._backend is None or not self._counter_supported:
             return None, None
         try:
-            return [self._nvml.energy_mj(g.handle) for g in self._gpus], None
-        except NvmlError as exc:
+            return [self._backend.energy_mj(g.handle) for g in self._gpus], None
+        except GpuError as exc:
             self._note_error(exc)
             return None, str(exc)
 
@@ -556,7 +565,7 @@ class TelemetrySampler:
             ]
             mem_mb, mem_source = self._current_mem(latest)
             return {
-                "gpu": "nvml" if self._gpus else "none",
+                "gpu": self._backend_kind if self._gpus else "none",
                 "degraded": self._degraded,
                 "gpus": gpus,
                 "util_pct": _r(latest.get("util_pct")),
@@ -604,7 +613,7 @@ class TelemetrySampler:
             foreign = [f.as_dict() for f in state.foreign.values()] if state.crowded else []
             attribution = "pid" if not self._gpus else "none: NVML lists no PID of this run"
         return {
-            "gpu": "nvml" if self._gpus else "none",
+            "gpu": self._backend_kind if self._gpus else "none",
             "gpus": [
                 {"index": g.ordinal, "nvml_index": g.nvml_index, "name": g.name, "uuid": g.uuid}
                 for g in self._gpus

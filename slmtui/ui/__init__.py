@@ -1,8 +1,8 @@
 """The Textual console. ``launch`` builds the engine (store, scheduler client) and runs the app.
 
-Runs belong to the store's scheduler service (``slmtui.scheduler.service``), not to the console:
-the console is a client that attaches to it, so closing the terminal leaves the runs running and
-``slmtui`` opened again shows them.
+Runs belong to the store's scheduler service (``slmtui serve``), not to the console: the console
+is a client that attaches to it, so closing the terminal leaves the runs running and ``slmtui``
+opened again shows them.
 
 Importing this package imports nothing heavy: Textual and the engine load inside ``launch``.
 """

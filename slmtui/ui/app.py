@@ -69,6 +69,7 @@ class StoreLike(Protocol):
     def runs(self) -> list[RunRow]: ...
     def run(self, run_id: str) -> RunRow | None: ...
     def samples(self, run_id: str) -> list[Any]: ...
+    def export_runs(self, run_ids: Any = None) -> dict[str, dict[str, Any]]: ...
 
 
 class ConsoleTabs(TabbedContent):
@@ -188,7 +189,7 @@ class SlmApp(App[int]):
             with TabPane("2 Runs", id="runs"):
                 yield RunsView(self.board, id="runs-view")
             with TabPane("3 Rank", id="rank"):
-                yield RankView(self.store.results, id="rank-view")
+                yield RankView(self.store.results, grid=self.profile.settings.grid, id="rank-view")
         yield Static(self._status_text(), id="status")
         yield Footer(compact=True)
 
@@ -421,7 +422,9 @@ class SlmApp(App[int]):
         if row is None:
             self.notify(f"run {run_id} is not in the store yet.", title="Inspect")
             return
-        self.push_screen(InspectScreen(row, self.store.samples(run_id)))
+        self.push_screen(
+            InspectScreen(row, self.store.samples(run_id), grid=self.profile.settings.grid)
+        )
 
     def action_export(self) -> None:
         from slmtui.ui.screens.prompt import PromptScreen
@@ -457,11 +460,20 @@ class SlmApp(App[int]):
                 severity="error",
             )
             return None
-        rows = self.main_screen.query_one(RankView).rows_in_view()
-        render = {"csv": export.to_csv, "json": export.to_json, "markdown": export.to_markdown}
+        rank = self.main_screen.query_one(RankView)
+        rows = rank.rows_in_view()
+        runs = self.store.export_runs([r.input.key for r in rows if r.input.key])
+        grid = self.profile.settings.grid
+        if fmt == "csv":
+            text = export.to_csv(rows, runs)
+        elif fmt == "json":
+            facts = {"g_per_kwh": grid.g_per_kwh, "label": grid.label}
+            text = export.to_json(rows, runs, ranked_by=rank.rank_by, grid=facts)
+        else:
+            text = export.to_markdown(rows, by=rank.rank_by)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(render[fmt](rows), encoding="utf-8")
+            path.write_text(text, encoding="utf-8")
         except OSError as exc:
             self.notify(f"{path}: {exc.strerror}", title="Export", severity="error")
             return None

@@ -36,16 +36,11 @@ def describe_hardware() -> dict[str, Any]:
 
 
 def _nvidia_driver() -> str | None:
-    """The NVIDIA driver version from NVML, else from /proc; None when neither answers."""
-    with contextlib.suppress(Exception):
-        import pynvml
+    """The driver version from the GPU backend, else from /proc; None when neither answers."""
+    from slmtui.telemetry.backend import GpuError, open_backend
 
-        pynvml.nvmlInit()
-        try:
-            version = pynvml.nvmlSystemGetDriverVersion()
-            return version.decode() if isinstance(version, bytes) else str(version)
-        finally:
-            pynvml.nvmlShutdown()
+    with contextlib.suppress(GpuError), open_backend() as backend:
+        return backend.driver_version()
     with (
         contextlib.suppress(OSError, IndexError),
         open("/proc/driver/nvidia/version", encoding="utf-8") as f,

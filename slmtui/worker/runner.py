@@ -48,7 +48,7 @@ from slmtui.tasks.base import (
     Scored,
 )
 from slmtui.worker import distributed as dist
-from slmtui.worker.engines import get_engine
+from slmtui.worker.engines import start_engine
 from slmtui.worker.engines.base import Completed, Engine
 from slmtui.worker.hardware import describe_hardware
 from slmtui.worker.loading import LoadedModel, LoadError, load_model
@@ -170,18 +170,21 @@ def _run(
     if loaded is None:
         return None  # a rank with no part in the run (layer-sharded on rank 0 alone)
     state.device = loaded.device
-    engine = get_engine(spec.engine, notes)(
-        loaded.model, loaded.tokenizer, batch_size=spec.batch_size
-    )
     load_s = time.perf_counter() - load_started
 
     state.phase = "warmup"
     warm = requests[:WARMUP_REQUESTS]
     started = time.perf_counter()
-    engine.warmup(
-        [r for r in warm if isinstance(r, GenerateRequest)],
-        [r for r in warm if isinstance(r, LoglikelihoodRequest)],
+    chosen = start_engine(
+        spec.engine,
+        loaded.model,
+        loaded.tokenizer,
+        batch_size=spec.batch_size,
+        warmup_generate=[r for r in warm if isinstance(r, GenerateRequest)],
+        warmup_loglikelihood=[r for r in warm if isinstance(r, LoglikelihoodRequest)],
+        notes=notes,
     )
+    engine = chosen.engine
     _synchronize(loaded.device)
     warmup_s = time.perf_counter() - started
     rss_window = _reset_peak_rss()
@@ -235,6 +238,8 @@ def _run(
         n_errors=n_errors,
         mode=settings.mode,
         engine=engine.name,
+        engine_requested=chosen.requested,
+        engine_fallback=chosen.fallback,
         dtype=str(loaded.dtype).removeprefix("torch."),
         batch_size=spec.batch_size,
         num_fewshot=settings.num_fewshot,

@@ -119,6 +119,11 @@ async def show_rank(pilot: Pilot[int]) -> None:
     await pilot.press("3", "v", "v")
 
 
+async def show_plot(pilot: Pilot[int]) -> None:
+    await started(pilot)
+    await pilot.press("3", "v", "v", "g")  # gsm8k's accuracy against throughput
+
+
 async def show_inspect(pilot: Pilot[int]) -> None:
     await started(pilot)
     app: SlmApp = pilot.app  # type: ignore[assignment]
@@ -158,6 +163,7 @@ SCREENS: dict[str, Callable[[Pilot[int]], Awaitable[None]]] = {
     "pick": show_pick,
     "runs": show_runs,
     "rank": show_rank,
+    "plot": show_plot,
     "inspect": show_inspect,
     "help": show_help,
 }

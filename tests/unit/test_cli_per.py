@@ -60,7 +60,7 @@ def test_json_output_to_a_file(tmp_path: Path, capsys):
     code, out, err = run(capsys, *args)
     assert code == 0 and out == ""
     assert "wrote 3 rows" in err
-    data = json.loads(target.read_text())
+    data = json.loads(target.read_text())["rows"]
     assert [d["model"] for d in data] == ["B", "A", "C"]
     assert data[0]["rank"] == 1 and data[0]["pareto"] is True
 
@@ -135,9 +135,9 @@ def test_energy_and_weights_options(tmp_path: Path, capsys):
     path = str(write(tmp_path, text))
     code, out, _ = run(capsys, "per", path, "--energy", "--format", "json")
     assert code == 0
-    assert {d["model"]: d["per"] for d in json.loads(out)} == {"P": 1.0, "Q": 0.0}
+    assert {d["model"]: d["per"] for d in json.loads(out)["rows"]} == {"P": 1.0, "Q": 0.0}
     code, out, _ = run(capsys, "per", path, "--format", "json", "--weight", "accuracy=2")
-    assert code == 0 and {d["per"] for d in json.loads(out)} == {1.0}
+    assert code == 0 and {d["per"] for d in json.loads(out)["rows"]} == {1.0}
     code, _, err = run(capsys, "per", path, "--weight", "acuracy=2")
     assert code == 2 and "did you mean 'accuracy'" in err
 
@@ -152,4 +152,20 @@ def test_markdown_output(tmp_path: Path, capsys):
     code, out, _ = run(capsys, "per", str(write(tmp_path, GOOD)), "--format", "markdown")
     assert code == 0
     assert "## gsm8k" in out
-    assert "| 1 | B | 0.600 | 250.0 | 4.00 | 800 | 0.760 | yes |" in out
+    assert "| 1 | B | 0.600 | 250.0 | 4.00 | 800 | 0.760 | 0.931 | accuracy | yes |" in out
+    assert "B leads A: latency decides (2.00× better" in out
+
+
+def test_rank_by_per_rel_and_a_bad_value(tmp_path: Path, capsys):
+    path = str(write(tmp_path, GOOD))
+    code, out, _ = run(capsys, "per", path, "--rank-by", "per-rel", "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    # hand-worked in test_per.py: PER-rel B 0.930605 > A 0.668740 > C 0.359304
+    assert code == 0 and [(r["model"], r["rank_rel"]) for r in rows] == [
+        ("B", "1"),
+        ("A", "2"),
+        ("C", "3"),
+    ]
+    code, _, err = run(capsys, "per", path, "--rank-by", "per_rell")
+    assert code == 2 and err.count("\n") == 1
+    assert "--rank-by 'per_rell' (did you mean 'per-rel'?); allowed: 'per' or 'per-rel'" in err

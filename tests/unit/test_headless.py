@@ -14,6 +14,7 @@ from rich.console import Console
 
 from slmtui import profile as profiles
 from slmtui.cli import main
+from slmtui.profile import Settings
 from slmtui.reports.headless import progress_table, run_headless
 from slmtui.scheduler import RunState, worker_command
 from slmtui.spec import ModelRef, RunSpec, TaskOptions
@@ -60,6 +61,7 @@ class FakeProfile:
     """Stands in for a loaded profile: its runs are built here, not from TOML."""
 
     name = "fake"
+    settings = Settings()
 
     def __init__(self, specs: list[RunSpec]) -> None:
         self.specs = specs
@@ -215,3 +217,21 @@ def test_progress_table_shows_each_run() -> None:
     assert "42.0 tokens/s" in text and "23.8 ms/token" in text and "512" in text
     assert "measuring 12s" in text and "queued" in text
     assert "0/2 runs ended" in text
+
+
+def test_a_run_that_fell_back_to_plain_says_so_when_it_ends() -> None:
+    from slmtui.reports.headless import _ended_line
+
+    fallback = "fast engine: architecture 'gpt2' is not one it is verified on (…); ran plain"
+    state = RunState(
+        "r1",
+        spec("m"),
+        "finished",
+        queued_at=100.0,
+        launched_at=100.0,
+        ended_at=110.0,
+        metrics={"accuracy": 0.5, "engine": "plain", "engine_fallback": fallback},
+    )
+    line = _ended_line(state).plain
+    assert line.startswith("✓ m · gsm8k · CPU: acc 0.500")
+    assert f"ran plain: {fallback}" in line

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from slmtui.errors import UserError
-from slmtui.per import PerInput, compute_per, summarise_models
+from slmtui.per import PerInput, compute_per, lead, summarise_models
 
 
 def row(model: str, acc: float, thr: float, lat: float, mem: float, **kw) -> PerInput:
@@ -220,3 +220,121 @@ def test_model_summary_averages_per_over_tasks():
     assert (summary["B"].tasks, summary["C"].tasks) == (2, 1)
     assert (summary["A"].pareto_tasks, summary["B"].pareto_tasks) == (1, 2)
     assert [s.model for s in summarise_models(rows)] == ["B", "A", "C"]
+
+
+# -- PER-rel: each factor as a ratio to the task's best ----------------------------------------
+# THREE again; best: acc 0.80 (A), thr 250 (B), lat 4 (B), mem 800 (B).
+#   A: acc 0.8/0.8 = 1,     thr 150/250 = 0.6, lat 4/8 = 0.5,    mem 800/1200 = 2/3
+#      PER-rel = (1 * 0.6 * 0.5 * 2/3)^(1/4) = 0.2^(1/4) = 0.668740
+#   B: acc 0.6/0.8 = 0.75,  thr 1, lat 1, mem 1  -> 0.75^(1/4) = 0.930605
+#   C: acc 0.5/0.8 = 0.625, thr 50/250 = 0.2, lat 4/12 = 1/3, mem 800/2000 = 0.4
+#      product 0.625 * 0.2 * (1/3) * 0.4 = 1/60 -> (1/60)^(1/4) = 0.359304
+
+
+def test_per_rel_matches_hand_computed_ratios():
+    result = by_model(compute_per(THREE))
+    a, b, c = result["A"], result["B"], result["C"]
+    assert a.ratios == pytest.approx(
+        {"accuracy": 1.0, "throughput": 0.6, "latency": 0.5, "memory": 2 / 3}
+    )
+    assert a.per_rel == pytest.approx(0.668740, abs=1e-6)
+    assert b.per_rel == pytest.approx(0.930605, abs=1e-6)
+    assert c.per_rel == pytest.approx(0.359304, abs=1e-6)
+    assert c.per == 0.0 and c.per_rel > 0  # the study's is 0, the companion is not
+    assert (a.rank_rel, b.rank_rel, c.rank_rel) == (2, 1, 3)
+
+
+def test_per_rel_is_one_for_a_model_best_on_everything():
+    rows = [row("best", 0.9, 300, 2, 500), row("worse", 0.5, 100, 4, 1000)]
+    result = by_model(compute_per(rows))
+    assert result["best"].per_rel == 1.0 and result["best"].limiting is None
+
+
+# Two models, each worst on something (the case): the study's PER is 0 for both.
+#   X: acc 0.5, thr 100, lat 10, mem 1000    Y: acc 0.4, thr 200, lat 4, mem 600
+#   X ratios: acc 1, thr 0.5, lat 4/10 = 0.4, mem 600/1000 = 0.6 -> 0.12^(1/4) = 0.588566
+#   Y ratios: acc 0.4/0.5 = 0.8, thr 1, lat 1, mem 1            -> 0.8^(1/4)  = 0.945742
+#   log(Y/X) per factor (weight 1/4 each): acc log 0.8 < 0, thr log 2, lat log 2.5, mem log 1/0.6
+#   -> latency adds most: it decides, Y's latency 2.5x better; PER-rel ratio 0.945742/0.588566
+TWO = [row("X", 0.5, 100, 10, 1000), row("Y", 0.4, 200, 4, 600)]
+
+
+def test_two_models_get_zero_per_but_a_nonzero_per_rel():
+    result = by_model(compute_per(TWO))
+    assert result["X"].per == result["Y"].per == 0.0
+    assert result["X"].rank == result["Y"].rank == 1
+    assert result["X"].per_rel == pytest.approx(0.588566, abs=1e-6)
+    assert result["Y"].per_rel == pytest.approx(0.945742, abs=1e-6)
+    assert [r.model for r in compute_per(TWO, rank_by="per_rel")] == ["Y", "X"]
+    assert [r.rank_rel for r in compute_per(TWO, rank_by="per_rel")] == [1, 2]
+
+
+def test_lead_names_the_factor_that_decides():
+    found = lead(compute_per(TWO))  # rows in PER order (a tie at 0): lead still compares PER-rel
+    assert found is not None
+    assert (found.leader.model, found.runner_up.model) == ("Y", "X")
+    assert found.factor == "latency"
+    assert found.factor_ratio == pytest.approx(2.5)
+    assert found.score_ratio == pytest.approx(0.945742 / 0.588566, abs=1e-5)
+    assert found.sentence().startswith("By PER-rel, Y leads X: latency decides (2.50× better")
+    assert result_limiting(TWO) == {"X": "latency", "Y": "accuracy"}
+    assert lead(compute_per(TWO[:1])) is None
+
+
+def result_limiting(rows):
+    return {r.model: r.limiting for r in compute_per(rows)}
+
+
+def test_a_dominated_model_joining_leaves_other_per_rel_unchanged():
+    # Z is worse than X and Y on every metric: the best values stay, so do X's and Y's ratios.
+    # The study's PER moves (X and Y are no longer the worst on anything).
+    before = by_model(compute_per(TWO))
+    after = by_model(compute_per([*TWO, row("Z", 0.3, 50, 20, 2000)]))
+    for m in "XY":
+        assert after[m].per_rel == pytest.approx(before[m].per_rel)
+    assert after["X"].per > 0 and after["Y"].per > 0
+
+
+def test_per_rel_uses_the_same_weights():
+    # X with latency weighted 0: (1 * 0.5 * 0.6)^(1/3) = 0.3^(1/3)
+    x = by_model(compute_per(TWO, weights={"latency": 0}))["X"]
+    assert x.per_rel == pytest.approx(0.3 ** (1 / 3))
+    # with energy (J/unit; X 2, Y 4): X's energy ratio 1, Y's 0.5 -> Y = (0.8 * 0.5)^(1/5)
+    rows = [
+        row("X", 0.5, 100, 10, 1000, energy_j=2.0),
+        row("Y", 0.4, 200, 4, 600, energy_j=4.0),
+    ]
+    y = by_model(compute_per(rows, energy=True))["Y"]
+    assert y.ratios["energy"] == 0.5
+    assert y.per_rel == pytest.approx(0.4 ** (1 / 5))
+
+
+def test_zero_accuracy_beside_a_positive_one_is_the_one_zero_per_rel():
+    rows = [row("none", 0.0, 900, 1, 100), row("some", 0.1, 10, 9, 900)]
+    assert by_model(compute_per(rows))["none"].per_rel == 0.0
+    both_zero = [row("a", 0.0, 900, 1, 100), row("b", 0.0, 10, 9, 900)]
+    assert by_model(compute_per(both_zero))["a"].per_rel == 1.0
+
+
+def test_co2_is_a_factor_like_energy():
+    rows = [
+        row("P", 0.5, 10, 1, 10, energy_j=2.0, co2_g=0.001),
+        row("Q", 0.5, 10, 1, 10, energy_j=4.0, co2_g=0.002),
+    ]
+    result = by_model(compute_per(rows, co2=True))
+    assert (result["P"].co2_n, result["Q"].co2_n) == (1.0, 0.0)
+    assert result["Q"].ratios["co2"] == 0.5
+    with pytest.raises(UserError, match="model 'cpu' on task 'gsm8k' has no CO2 figure"):
+        compute_per([*rows, row("cpu", 0.5, 10, 1, 10)], co2=True)
+
+
+def test_unknown_rank_by_is_a_user_error():
+    with pytest.raises(UserError, match=r"rank by 'rel'.*allowed: 'per' or 'per_rel'"):
+        compute_per(THREE, rank_by="rel")
+
+
+def test_summary_means_per_rel_too():
+    rows = compute_per(TWO)
+    summary = {s.model: s for s in summarise_models(rows, by="per_rel")}
+    assert summary["Y"].mean_per_rel == pytest.approx(0.945742, abs=1e-6)
+    assert [s.model for s in summarise_models(rows, by="per_rel")] == ["Y", "X"]

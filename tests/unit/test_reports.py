@@ -54,12 +54,18 @@ def test_csv_export_carries_inputs_per_factors_and_pareto():
     assert rows[2]["model"] == "C" and rows[2]["pareto"] == "false" and rows[2]["per"] == "0"
 
 
-def test_json_export_is_a_list_of_records():
-    data = json.loads(to_json(compute_per(THREE, energy=False)))
+def test_json_export_is_an_object_with_units_and_rows():
+    document = json.loads(to_json(compute_per(THREE, energy=False)))
+    assert document["format"] == "slmtui-report" and document["format_version"] == 1
+    assert document["slmtui_version"] and document["units"]["latency_ms"].startswith("ms per")
+    data = document["rows"]
     assert [d["model"] for d in data] == ["B", "A", "C"]
     assert list(data[0]) == list(COLUMNS)
     assert data[1]["mem_n"] == pytest.approx(2 / 3)
     assert data[0]["energy_n"] is None
+    # PER-rel and its ratios ride along (hand-worked in test_per.py: A 0.668740)
+    assert data[1]["per_rel"] == pytest.approx(0.668740, abs=1e-6)
+    assert (data[1]["thr_r"], data[1]["lat_r"], data[1]["limiting"]) == (0.6, 0.5, "latency")
 
 
 def test_markdown_export_has_a_table_per_task_and_an_overview():
@@ -267,7 +273,7 @@ def test_report_filters_change_the_set_and_the_per(tmp_path: Path, store: Store,
     fill(store)
     code, out, _ = report(capsys, store.path, "--format", "json", "--model", "A", "--model", "C")
     assert code == 0
-    data = json.loads(out)
+    data = json.loads(out)["rows"]
     # without B on gsm8k: A is best on every factor -> PER 1, C 0; A alone on imdb -> 1
     assert {(d["model"], d["task"]): d["per"] for d in data} == {
         ("A", "gsm8k"): 1.0,
@@ -275,7 +281,7 @@ def test_report_filters_change_the_set_and_the_per(tmp_path: Path, store: Store,
         ("A", "imdb"): 1.0,
     }
     code, out, _ = report(capsys, store.path, "--format", "json", "--task", "imdb")
-    assert {d["task"] for d in json.loads(out)} == {"imdb"}
+    assert {d["task"] for d in json.loads(out)["rows"]} == {"imdb"}
 
 
 def test_report_table(tmp_path: Path, store: Store, capsys):
@@ -318,3 +324,31 @@ def test_report_db_before_the_command(tmp_path: Path, store: Store, capsys):
     code = main(["--db", str(store.path), "report", "--format", "csv"])
     assert code == 0
     assert len(list(csv.DictReader(io.StringIO(capsys.readouterr().out)))) == 5
+
+
+# -- PER-rel beside PER ---------------------------------------------------------------------------
+
+
+def test_report_ranks_by_per_rel_on_request_and_says_so(tmp_path: Path, store: Store, capsys):
+    # two models, each worst on something: the study's PER is 0 for both (see test_per.py TWO)
+    finish(store, "x", "X", "gsm8k", accuracy=0.5, throughput=100, latency_ms=10, memory_mb=1000)
+    finish(store, "y", "Y", "gsm8k", accuracy=0.4, throughput=200, latency_ms=4, memory_mb=600)
+    code, out, _ = report(capsys, store.path, "--rank-by", "per-rel")
+    text = " ".join(out.split())
+    assert code == 0
+    assert "ranked by PER-rel" in text and "Ranked by PER-rel" in text
+    assert "Y leads X: latency decides (2.50× better" in text
+    assert "a model worst on any factor gets 0" in text  # why the study's PER is 0 here
+    assert text.index(" Y ") < text.index(" X ")
+    code, out, _ = report(capsys, store.path, "--format", "json", "--rank-by", "per-rel")
+    document = json.loads(out)
+    assert document["ranked_by"] == "per_rel"
+    assert [(r["model"], r["rank_rel"], r["per"]) for r in document["rows"]] == [
+        ("Y", 1, 0.0),
+        ("X", 2, 0.0),
+    ]
+
+
+def test_table_has_per_rel_beside_per_at_80_columns():
+    text = render(compute_per(THREE), width=80)
+    assert "PER-rel" in text and "0.931" in text and "0.669" in text

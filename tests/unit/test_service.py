@@ -1,6 +1,6 @@
 """The scheduler service: runs that outlive the console, re-attaching, and its fault-table rows.
 
-Real service processes (``python -m slmtui.scheduler.service``) with the scripted fake workers of
+Real service processes (``slmtui serve``) with the scripted fake workers of
 test_scheduler.py (picked by model name), so no torch is loaded. Every service a test starts is
 shut down (then killed) in the fixture's teardown.
 """
@@ -303,7 +303,8 @@ def test_one_service_per_store(box: Box) -> None:
             [
                 sys.executable,
                 "-m",
-                "slmtui.scheduler.service",
+                "slmtui",
+                "serve",
                 "--db",
                 str(box.db),
                 *box.service_args,

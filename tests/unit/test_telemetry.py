@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from slmtui.telemetry import (
-    NvmlError,
+    GpuError,
     TelemetrySampler,
     counter_delta_j,
     energy_metrics,
@@ -451,9 +451,9 @@ def test_cuda_ordinals_map_to_nvml_indices_through_cuda_visible_devices() -> Non
     assert nvml_indices_for([0, 1], devices, "2,3") == [2, 3]
     assert nvml_indices_for([1], devices, "3,1") == [1]
     assert nvml_indices_for([0], devices, "GPU-2abc") == [2]
-    with pytest.raises(NvmlError, match="not among the 1 visible"):
+    with pytest.raises(GpuError, match="not among the 1 visible"):
         nvml_indices_for([1], devices, "1,7,2")  # the list ends at the first unknown id
-    with pytest.raises(NvmlError):
+    with pytest.raises(GpuError):
         nvml_indices_for([0], devices, "")
 
 

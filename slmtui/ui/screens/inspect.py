@@ -15,6 +15,7 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
 
+from slmtui.carbon import Grid, carbon_of, parse_grid
 from slmtui.store import RunRow, SampleRow
 from slmtui.ui.cells import num
 from slmtui.ui.tables import fill_table
@@ -41,10 +42,12 @@ class InspectScreen(Screen[None]):
     InspectScreen #sample-detail { height: auto; max-height: 50%; border-top: solid $primary; }
     """
 
-    def __init__(self, run: RunRow, samples: list[SampleRow]) -> None:
+    def __init__(self, run: RunRow, samples: list[SampleRow], grid: Grid | None = None) -> None:
+        """``grid``: the carbon intensity for the CO2 lines (default: world)."""
         super().__init__()
         self.run = run
         self.samples = samples
+        self.grid = grid or parse_grid(None)
 
     def compose(self) -> ComposeResult:
         run = self.run
@@ -136,6 +139,25 @@ class InspectScreen(Screen[None]):
         headline.add_row("latency", num(run.latency_ms, 2, "ms"))
         headline.add_row("peak memory", num(run.memory_mb, 0, f"MB ({m.get('mem_source', '?')})"))
         headline.add_row("energy", num(run.energy_j, 1, "J"))
+        carbon = carbon_of(run.energy_j, m, self.grid)
+        if carbon.run_g is None:
+            headline.add_row("CO2e", "– (no energy measured on this hardware)")
+        else:
+            headline.add_row(
+                "CO2e",
+                f"{carbon.run_g:.3g} g per run · "
+                + (
+                    f"{carbon.per_1k_tokens_g:.3g} g per 1k tokens · "
+                    if carbon.per_1k_tokens_g is not None
+                    else ""
+                )
+                + (
+                    f"{carbon.per_correct_g:.3g} g per correct answer"
+                    if carbon.per_correct_g is not None
+                    else "no correct answer"
+                )
+                + f"  ({self.grid.label})",
+            )
         parts += [Text("Result", style="bold underline"), headline]
 
         timing = _grid()
@@ -169,7 +191,7 @@ class InspectScreen(Screen[None]):
             ("GPUs", "CPU" if spec.gpus == 0 else f"{spec.gpus} ({spec.parallel})"),
             ("dtype", spec.dtype),
             ("batch size", str(spec.batch_size)),
-            ("engine", spec.engine),
+            ("engine", _engine_line(spec.engine, m)),
             ("limit", str(spec.options.limit or "all")),
             ("few-shot", _opt(spec.options.num_fewshot)),
             ("mode", _opt(spec.options.mode or m.get("mode"))),
@@ -221,6 +243,14 @@ def _grid() -> Table:
 def _short(text: str, width: int = 60) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _engine_line(requested: str, metrics: dict) -> str:
+    """The engine that ran, and why when it is not the one the spec asked for."""
+    fallback = metrics.get("engine_fallback")
+    if not fallback:
+        return str(metrics.get("engine") or requested)
+    return f"{metrics.get('engine')} (asked: {requested}) — {fallback}"
 
 
 def _opt(value: object) -> str:

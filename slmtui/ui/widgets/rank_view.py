@@ -1,14 +1,16 @@
-"""The Rank tab: PER per task and an overview across tasks, sortable, filterable.
+"""The Rank tab: PER and PER-rel per task and an overview across tasks, sortable, filterable,
+and the same as plots (accuracy against throughput or energy, the overview as bars).
 
 PER comes from the same ``build_per_inputs`` + ``compute_per`` that ``slmtui report`` prints, over
-the rows in view: a filter changes the set, so it changes PER (the note line says so).
+the rows in view: a filter changes the set, so it changes PER (the note line says so). ``n``
+switches the score that ranks (the study's PER or PER-rel), ``g`` the table for a plot.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rich.text import Text
 from textual import on
@@ -18,15 +20,21 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import DataTable, Input, Static, Tab, Tabs
 
+from slmtui.carbon import Grid
 from slmtui.errors import UserError
-from slmtui.per import PerRow, compute_per, summarise_models
+from slmtui.per import SCORE_LABELS, PerRow, compute_per, lead, summarise_models
 from slmtui.reports.commands import build_per_inputs
 from slmtui.reports.export import group_by_task, latency_unit
 from slmtui.store import ResultRow
 from slmtui.ui.cells import num
 from slmtui.ui.tables import fill_table
+from slmtui.ui.widgets.plot_view import PlotView
+
+if TYPE_CHECKING:
+    from slmtui.reports.plots import Chart
 
 OVERVIEW = "overview"
+_CARBON = ("co2_run_g", "co2_per_1k_tokens_g", "co2_per_correct_g")
 
 
 @dataclass(frozen=True)
@@ -37,16 +45,27 @@ class Column:
     """Which end is best, for marking the best cell; ``None``: not marked."""
 
 
-def task_columns(unit: str | None) -> list[Column]:
+def task_columns(unit: str | None, *, carbon: bool = False) -> list[Column]:
     thr = f"THR/GPU {unit}" if unit else "THR/GPU"
     return [
         Column("rank", "#"),
         Column("model", "Model"),
         Column("per", "PER", True),
+        Column("per_rel", "PER-rel", True),
+        Column("limiting", "Limited by"),
         Column("accuracy", "Accuracy", True),
         Column("throughput", thr, True),
         Column("latency_ms", f"LAT {latency_unit(unit)}", False),
         Column("memory_mb", "MEM MB", False),
+        *(
+            [
+                Column("co2_run_g", "CO2 g/run", False),
+                Column("co2_per_1k_tokens_g", "CO2 g/1k tok", False),
+                Column("co2_per_correct_g", "CO2 g/correct", False),
+            ]
+            if carbon
+            else []
+        ),
         Column("acc_n", "ACCn"),
         Column("thr_n", "THRn"),
         Column("lat_n", "LATn"),
@@ -71,6 +90,22 @@ class RankView(Vertical):
         Binding("v", "next_view", "Next table", id="rank.view", tooltip="Overview, then each task"),
         Binding("slash", "filter", "Filter", id="rank.filter", tooltip="Filter models and tasks"),
         Binding("i", "inspect", "Inspect", id="rank.inspect", tooltip="The run behind the row"),
+        Binding(
+            "n",
+            "switch_score",
+            "PER/PER-rel",
+            id="rank.score",
+            tooltip="Rank by the study's PER or by PER-rel (ratios to the best)",
+        ),
+        Binding("g", "toggle_plot", "Plot", id="rank.plot", tooltip="The table as a plot"),
+        Binding(
+            "x",
+            "next_chart",
+            "Next plot",
+            id="rank.chart",
+            tooltip="Accuracy against throughput, then against energy per correct answer",
+            show=False,
+        ),
         Binding("escape", "clear_filter", "Clear filter", id="rank.clear", show=False),
     ]
 
@@ -81,6 +116,9 @@ class RankView(Vertical):
     RankView.-filtering #filter { display: block; }
     RankView #note { height: auto; padding: 0 1; color: $text-muted; }
     RankView #rank-table { height: 1fr; }
+    RankView #rank-plot { display: none; }
+    RankView.-plotting #rank-plot { display: block; }
+    RankView.-plotting #rank-table { display: none; }
     """
 
     class InspectRequested(Message):
@@ -91,11 +129,22 @@ class RankView(Vertical):
             self.run_id = run_id
 
     def __init__(
-        self, load_results: Callable[[], Sequence[ResultRow]] | None = None, **kwargs: object
+        self,
+        load_results: Callable[[], Sequence[ResultRow]] | None = None,
+        *,
+        grid: Grid | None = None,
+        **kwargs: object,
     ) -> None:
-        """``load_results``: read once on mount (the store's results)."""
+        """``load_results``: read once on mount (the store's results); ``grid``: the carbon
+        intensity behind the CO2 columns (default: world)."""
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.load_results = load_results
+        self.grid = grid
+        self.rank_by = "per"
+        """The score that orders and ranks: "per" (the study's) or "per_rel"."""
+        self.plotting = False
+        self.chart_index = 0
+        """Which of the task's charts the plot shows (throughput, then energy)."""
         self.results: list[ResultRow] = []
         self.per_rows: list[PerRow] = []
         self.notes: list[str] = []
@@ -115,6 +164,7 @@ class RankView(Vertical):
         yield Input(placeholder="filter: words matching model or task names", id="filter")
         yield Static(id="note")
         yield DataTable(id="rank-table", cursor_type="cell", zebra_stripes=True, fixed_columns=2)
+        yield PlotView(id="rank-plot")
 
     def on_mount(self) -> None:
         self.show_results(self.load_results() if self.load_results is not None else [])
@@ -146,10 +196,10 @@ class RankView(Vertical):
         ]
 
     def _recompute(self) -> None:
-        built = build_per_inputs(self._in_view())
+        built = build_per_inputs(self._in_view(), grid=self.grid)
         self.notes = built.notes
         try:
-            self.per_rows = compute_per(built.inputs)
+            self.per_rows = compute_per(built.inputs, rank_by=self.rank_by)
         except UserError as exc:
             self.per_rows = []
             self.notes = [*self.notes, str(exc)]
@@ -197,6 +247,7 @@ class RankView(Vertical):
         ]
         fill_table(table, labels, rows, max_widths={"model": 32})
         self._show_note()
+        self._show_plot()
         if not table.row_count:
             return
         row = 0
@@ -206,25 +257,28 @@ class RankView(Vertical):
 
     def _overview_lines(self) -> tuple[list[Column], list[Line]]:
         tasks = list(group_by_task(self.per_rows))
+        label = SCORE_LABELS[self.rank_by]
         columns = [
             Column("rank", "#"),
             Column("model", "Model"),
             Column("mean_per", "Mean PER", True),
+            Column("mean_per_rel", "Mean PER-rel", True),
             Column("tasks", "Tasks"),
             Column("pareto", "Pareto tasks"),
-            *(Column(f"per:{t}", f"PER {t}", True) for t in tasks),
+            *(Column(f"per:{t}", f"{label} {t}", True) for t in tasks),
         ]
         lines = []
-        for n, s in enumerate(summarise_models(self.per_rows), start=1):
+        for n, s in enumerate(summarise_models(self.per_rows, self.rank_by), start=1):
             values: dict[str, Any] = {
                 "rank": n,
                 "model": s.model,
                 "mean_per": s.mean_per,
+                "mean_per_rel": s.mean_per_rel,
                 "tasks": s.tasks,
                 "pareto": s.pareto_tasks,
             }
             for t in tasks:
-                values[f"per:{t}"] = s.per_by_task.get(t)
+                values[f"per:{t}"] = s.by_task(self.rank_by).get(t)
             lines.append(Line(f"model:{s.model}", values))
         return columns, lines
 
@@ -232,17 +286,21 @@ class RankView(Vertical):
         rows = group_by_task(self.per_rows).get(task, [])
         units = {r.input.throughput_unit for r in rows}
         unit = units.pop() if len(units) == 1 else None
+        carbon = any(r.input.extra.get("co2_run_g") is not None for r in rows)
         lines = [
             Line(
                 r.input.key or f"{r.model}:{n}",
                 {
-                    "rank": r.rank,
+                    "rank": r.rank_by(self.rank_by),
                     "model": r.model,
                     "accuracy": r.input.accuracy,
                     "throughput": r.input.throughput,
                     "latency_ms": r.input.latency_ms,
                     "memory_mb": r.input.memory_mb,
                     "per": r.per,
+                    "per_rel": r.per_rel,
+                    "limiting": r.limiting,
+                    **{k: r.input.extra.get(k) for k in _CARBON},
                     "acc_n": r.acc_n,
                     "thr_n": r.thr_n,
                     "lat_n": r.lat_n,
@@ -252,7 +310,7 @@ class RankView(Vertical):
             )
             for n, r in enumerate(rows)
         ]
-        return task_columns(unit), lines
+        return task_columns(unit, carbon=carbon), lines
 
     def _best_values(self) -> dict[str, Any]:
         best: dict[str, Any] = {}
@@ -278,8 +336,14 @@ class RankView(Vertical):
             return Text(str(value), justify="right")
         if col.key == "tasks":
             return Text(str(value), justify="right")
+        if col.key == "limiting":
+            return Text(value or "–", style="dim" if value is None else "")
+        if col.key in _CARBON:
+            return Text("–" if value is None else f"{value:.3g}", justify="right")
         digits = {"throughput": 1, "latency_ms": 2, "memory_mb": 0}.get(col.key, 3)
         text = Text(num(value, digits), justify="right")
+        if col.key in (self.rank_by, f"mean_{self.rank_by}"):
+            text.stylize("bold")
         if col.key in best and value == best[col.key]:
             text.stylize("bold green underline")
         return text
@@ -290,11 +354,23 @@ class RankView(Vertical):
         if not self.results:
             note.append("No finished run stored yet: launch runs from Pick (1, then R).")
         else:
+            label = SCORE_LABELS[self.rank_by]
+            other = SCORE_LABELS["per" if self.rank_by == "per_rel" else "per_rel"]
+            note.append(f"Ranked by {label}", style="bold")
             note.append(
-                f"PER is relative to the {models} model{'s' * (models != 1)} in view: "
-                "a filter or a new run changes it.\n",
+                f"  (n: {other}), relative to the {models} model{'s' * (models != 1)} in view. "
+                "PER is 0 for a model worst on any factor; PER-rel divides each by the best.\n"
             )
-            note.append("★ best PER · ◆ Pareto front · ")
+            found = None
+            if self.view != OVERVIEW:
+                found = lead(group_by_task(self.per_rows).get(self.view, []))
+            if found is not None:
+                note.append(found.sentence() + "\n", style="italic")
+            if self.grid is not None and any(
+                r.input.extra.get("co2_run_g") is not None for r in self.per_rows
+            ):
+                note.append(f"CO2 at {self.grid.label} · ", style="")
+            note.append(f"★ best {label} · ◆ Pareto front · ")
             note.append("underlined", style="bold green underline")
             note.append(": best in column")
             if self.filter_text:
@@ -380,6 +456,43 @@ class RankView(Vertical):
             self.notify("Open a task's table (v) to inspect a run.", title="Inspect")
             return
         self.post_message(self.InspectRequested(key))
+
+    def action_switch_score(self) -> None:
+        """Rank by the other score: the study's PER or PER-rel."""
+        self.rank_by = "per_rel" if self.rank_by == "per" else "per"
+        self.sort_by.clear()
+        self._recompute()
+
+    def action_toggle_plot(self) -> None:
+        self.plotting = not self.plotting
+        self.set_class(self.plotting, "-plotting")
+        self._show_plot()
+        if not self.plotting:
+            self.query_one("#rank-table", DataTable).focus()
+
+    def action_next_chart(self) -> None:
+        self.chart_index += 1
+        if not self.plotting:
+            self.action_toggle_plot()
+        else:
+            self._show_plot()
+
+    def charts(self) -> list[Chart]:
+        """The charts of the current view: the overview's bars, or a task's scatters."""
+        from slmtui.reports.plots import overview_chart, task_charts
+
+        if not self.per_rows:
+            return []
+        if self.view == OVERVIEW:
+            return [overview_chart(self.per_rows, self.rank_by)]
+        return task_charts(self.view, group_by_task(self.per_rows).get(self.view, []))
+
+    def _show_plot(self) -> None:
+        if not self.plotting:
+            return
+        charts = self.charts()
+        chart = charts[self.chart_index % len(charts)] if charts else None
+        self.query_one("#rank-plot", PlotView).show(chart)
 
     def rows_in_view(self) -> list[PerRow]:
         """The PER rows the tables show (all tasks), for export."""

@@ -149,6 +149,8 @@ class RunsView(Vertical):
                 f"acc {num(m.get('accuracy'), 3)} · {num(m.get('throughput'), 1, unit)} · "
                 f"{num(m.get('latency_ms'), 1, 'ms')} · {num(m.get('peak_mem_mb'), 0, 'MB')}"
             )
+            if m.get("engine_fallback"):
+                detail.append(f" · ran {m.get('engine')} (see Inspect)", style="yellow")
         elif run.error is not None:
             detail = Text(run.reason, style=style)
         elif run.status == "running" and run.eta_s is not None:

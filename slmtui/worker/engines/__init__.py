@@ -4,14 +4,23 @@ An engine module defines one ``Engine`` subclass whose class attribute ``name`` 
 
 ``get_engine("fast")`` falls back to ``plain`` only when ``engines/fast.py`` is missing, and
 says so in ``notes``; any other import error in it is a bug and propagates.
+
+``start_engine`` is how a run gets its engine: it builds and warms it up, and when the fast
+engine refuses the model (``support.fast_refusal``) or fails in its warm-up (an unknown
+architecture, a transformers release that calls the cache differently), the run goes on with
+``plain``, before its measured window, and says why. One incompatibility never costs a sweep.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from slmtui.errors import UserError, allowed_list, did_you_mean
 from slmtui.spec import ENGINES
+from slmtui.tasks.base import GenerateRequest, LoglikelihoodRequest
 from slmtui.worker.engines.base import Engine
 
 _MODULES: dict[str, str] = {
@@ -44,3 +53,68 @@ def get_engine(name: str, notes: list[str] | None = None) -> type[Engine]:
         ):
             return value
     raise ImportError(f"{module_name} defines no Engine subclass with name = '{name}'")
+
+
+@dataclass
+class StartedEngine:
+    """An engine built and warmed up, and what happened on the way."""
+
+    engine: Engine
+    requested: str
+    """The engine the spec asked for."""
+    fallback: str | None = None
+    """Why the run runs ``plain`` instead of ``requested`` (one line), or None."""
+
+
+def start_engine(
+    name: str,
+    model: Any,
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    warmup_generate: Sequence[GenerateRequest] = (),
+    warmup_loglikelihood: Sequence[LoglikelihoodRequest] = (),
+    notes: list[str] | None = None,
+) -> StartedEngine:
+    """The engine ``name`` for ``model``, warmed up on the given requests.
+
+    ``fast`` that refuses the model or raises in its warm-up gives way to ``plain`` (noted); an
+    out-of-memory error, or a failure of ``plain`` itself, propagates: those are the run's own.
+    """
+    from slmtui.worker.engines.plain import is_oom
+    from slmtui.worker.engines.support import fast_refusal
+
+    notes = notes if notes is not None else []
+    engine_class = get_engine(name, notes)
+    fallback: str | None = None
+    if engine_class.name == "fast":
+        fallback = fast_refusal(model)
+        if fallback is None:
+            engine = engine_class(model, tokenizer, batch_size=batch_size)
+            try:
+                engine.warmup(warmup_generate, warmup_loglikelihood)
+                return StartedEngine(engine, name)
+            except Exception as exc:
+                if is_oom(exc):
+                    raise
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                fallback = f"it failed in its warm-up ({type(exc).__name__}: {first})"
+            del engine
+            _release_device_memory(model)
+        fallback = f"fast engine: {fallback}; ran plain"
+        notes.append(fallback)
+        engine_class = get_engine("plain", notes)
+    engine = engine_class(model, tokenizer, batch_size=batch_size)
+    engine.warmup(warmup_generate, warmup_loglikelihood)
+    return StartedEngine(engine, name, fallback)
+
+
+def _release_device_memory(model: Any) -> None:
+    """Give back what a failed engine allocated (its KV cache, graph pools) before plain runs."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if next(model.parameters()).device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -122,8 +122,14 @@ class SlotCache:
         key_states: torch.Tensor,
         value_states: torch.Tensor,
         layer_idx: int,
-        cache_kwargs: dict[str, Any] | None = None,
+        *args: Any,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this layer's new keys and values at ``write_pos``; return the visible slots.
+
+        Takes whatever else the attention layer passes (``cache_kwargs`` positionally in
+        transformers 5.17, ``kwargs=`` in 5.24): nothing in it changes where the states go.
+        """
         if layer_idx == len(self.keys):
             heads, device = key_states.shape[1], key_states.device
             self.keys.append(
@@ -334,6 +340,15 @@ def _spread(model: Any) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def cache_argument(parameters: Any) -> str:
+    """The name under which ``model.forward`` takes a KV cache: ``cache`` (transformers 5.24 on;
+    ``past_key_values`` still accepted with a deprecation warning) or ``past_key_values``.
+
+    Read from the signature, not guessed from a version number.
+    """
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def _register_attention() -> None:
     from transformers import AttentionInterface
 
@@ -395,6 +410,7 @@ class FastEngine(PlainEngine):
         self.layer_types = sorted(set(layer_types))
         params = inspect.signature(model.forward).parameters
         self._pass_cache_position = "cache_position" in params
+        self._cache_argument = cache_argument(params)
 
     def _choose_decode_attention(self, requested: str, text_config: Any) -> str:
         """``requested``, or for ``auto`` the first of gqa, expand, grouped that a fused
@@ -522,9 +538,9 @@ class FastEngine(PlainEngine):
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=mask,
-            past_key_values=cache,
             use_cache=cache is not None,
             logits_to_keep=logits_to_keep,
+            **{self._cache_argument: cache},
             **kwargs,
         ).logits
 

@@ -1,0 +1,44 @@
+"""A run whose fast engine gave way to plain says so in the Runs list and in Inspect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from ui_fixtures import T0, metrics, spec
+
+from slmtui.protocol import RunFinished, RunQueued, RunStarted
+from slmtui.store import Store
+from slmtui.ui.board import LiveRun
+from slmtui.ui.screens.inspect import InspectScreen
+from slmtui.ui.widgets.runs_view import RunsView
+
+FALLBACK = "fast engine: architecture 'gpt2' is not one it is verified on (llama, …); ran plain"
+
+
+def fallback_metrics() -> dict:
+    return metrics(
+        0.5, 10.0, 100.0, 400.0, engine="plain", engine_requested="fast", engine_fallback=FALLBACK
+    )
+
+
+def test_the_runs_list_names_the_engine_that_ran() -> None:
+    run = LiveRun("r", spec("alpha-135m"), status="finished", metrics=fallback_metrics())
+    detail = RunsView.row_cells(run)[-1].plain
+    assert detail.startswith("acc 0.500") and detail.endswith("ran plain (see Inspect)")
+    plain_run = LiveRun("r", spec("alpha-135m"), status="finished", metrics=metrics(0.5, 1, 1, 1))
+    assert "ran" not in RunsView.row_cells(plain_run)[-1].plain
+
+
+def test_inspect_shows_the_engine_asked_for_and_why_it_did_not_run(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.sqlite") as store:
+        s = spec("alpha-135m").to_dict() | {"engine": "fast"}
+        store.record(RunQueued("r", spec=s, t=T0))
+        store.record(RunStarted("r", spec=s, pid=1, t=T0 + 1))
+        store.record(RunFinished("r", metrics=fallback_metrics(), t=T0 + 9))
+        row = store.run("r")
+    assert row is not None
+    console = Console(width=200, record=True, color_system=None)
+    console.print(InspectScreen(row, []).summary())
+    text = console.export_text()
+    assert f"plain (asked: fast) — {FALLBACK}" in text
