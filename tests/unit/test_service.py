@@ -506,3 +506,42 @@ def test_a_store_that_refuses_writes_reaches_every_client_as_one_line(
         listener.close()
         scheduler.shutdown()
         store.close()
+
+
+MIDDLE = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    rank = subprocess.Popen(
+        [sys.executable, "-c", "import time; from slmtui.worker.__main__ import exit_with_parent;"
+         " exit_with_parent(0.05); print('watching', flush=True); time.sleep(120)"],
+        start_new_session=True,  # as torchrun starts its ranks
+        stdout=subprocess.PIPE, text=True,
+    )
+    rank.stdout.readline()
+    print(rank.pid, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_a_worker_whose_parent_dies_ends_too() -> None:
+    """A torchrun rank sends no event (only rank 0 does) and lives in a session of its own:
+    when torchrun is killed with the scheduler, its ranks go on their own."""
+    middle = subprocess.Popen(
+        [sys.executable, "-c", MIDDLE],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    try:
+        rank = int(middle.stdout.readline())
+        assert alive(rank)
+        middle.kill()  # torchrun SIGKILLed (its parent, the scheduler, died)
+        middle.wait(timeout=10)
+        t0 = time.monotonic()
+        wait_until("the rank to end", lambda: not alive(rank), 10)
+        assert time.monotonic() - t0 < 5
+    finally:
+        if middle.poll() is None:
+            middle.kill()
+            middle.wait()
