@@ -65,8 +65,10 @@ BASE_FACTORS: tuple[str, ...] = FACTORS[:4]
 RANK_BY: tuple[str, ...] = ("per", "per_rel")
 """Scores that can order and rank rows: the study's PER, or PER-rel (ratios to the best)."""
 SCORE_LABELS = {"per": "PER", "per_rel": "PER-rel"}
+SMALL_SET = 4
+"""Fewer models than this on every task is a small set: ``automatic_rank_by`` picks PER-rel."""
 
-_HIGHER_IS_BETTER = {
+HIGHER_IS_BETTER: dict[str, bool] = {
     "accuracy": True,
     "throughput": True,
     "latency": False,
@@ -74,6 +76,7 @@ _HIGHER_IS_BETTER = {
     "energy": False,
     "co2": False,
 }
+"""Which end of each factor is best: the one direction every view and export reads."""
 _FIELD = {
     "accuracy": "accuracy",
     "throughput": "throughput",
@@ -287,7 +290,7 @@ def _dominates(a: PerInput, b: PerInput, active: Sequence[str]) -> bool:
     strictly = False
     for factor in active:
         x, y = getattr(a, _FIELD[factor]), getattr(b, _FIELD[factor])
-        if not _HIGHER_IS_BETTER[factor]:
+        if not HIGHER_IS_BETTER[factor]:
             x, y = -x, -y
         if x < y:
             return False
@@ -327,11 +330,11 @@ def _task_per(
     values = {f: [getattr(r, _FIELD[f]) for r in rows] for f in factor_weights}
     normalised = {
         f: _normalise(
-            values[f], higher_is_better=_HIGHER_IS_BETTER[f], log=log_scale and f in _LOG_FACTORS
+            values[f], higher_is_better=HIGHER_IS_BETTER[f], log=log_scale and f in _LOG_FACTORS
         )
         for f in factor_weights
     }
-    ratios = {f: _ratios(values[f], higher_is_better=_HIGHER_IS_BETTER[f]) for f in factor_weights}
+    ratios = {f: _ratios(values[f], higher_is_better=HIGHER_IS_BETTER[f]) for f in factor_weights}
     pers = [
         _geometric_mean({f: normalised[f][i] for f in factor_weights}, factor_weights)
         for i in range(len(rows))
@@ -390,6 +393,18 @@ class Lead:
             f"By PER-rel, {a} leads {b}: {self.factor} decides ({factor} better; "
             f"PER-rel {times} {b}'s)"
         )
+
+
+def automatic_rank_by(inputs: Iterable[PerInput]) -> str:
+    """The score a view ranks by when the user has not chosen: "per_rel" for a small set (fewer
+    than ``SMALL_SET`` models on every task, where the study's PER gives 0 to any model worst on
+    one factor and so usually ranks nothing), else the study's "per"."""
+    counts: dict[str, set[str]] = {}
+    for given in inputs:
+        counts.setdefault(given.task, set()).add(given.model)
+    if counts and max(len(models) for models in counts.values()) < SMALL_SET:
+        return "per_rel"
+    return "per"
 
 
 def lead(task_rows: Sequence[PerRow]) -> Lead | None:

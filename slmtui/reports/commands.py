@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from slmtui.carbon import Grid, carbon_of, parse_grid
 from slmtui.errors import UserError, allowed_list, did_you_mean
+from slmtui.metrics import RunMetrics
 from slmtui.per import FACTORS, SCORE_LABELS, PerInput, PerRow, compute_per
+from slmtui.reports.columns import METRIC_COLUMNS
 
 if TYPE_CHECKING:
     from slmtui.store import ResultRow
@@ -332,6 +334,7 @@ def build_per_inputs(results: Iterable[ResultRow], grid: Grid | None = None) -> 
             if name in varying.get(r.model, []) and value is not None:
                 parts.append(template.format(value))
         carbon = carbon_of(r.energy_j, r.metrics, grid)
+        reported = RunMetrics.from_dict(r.metrics)
         energy_per_unit = _energy_per_unit(r)
         out.inputs.append(
             PerInput(
@@ -351,6 +354,7 @@ def build_per_inputs(results: Iterable[ResultRow], grid: Grid | None = None) -> 
                     "co2_per_1k_tokens_g": carbon.per_1k_tokens_g,
                     "co2_per_correct_g": carbon.per_correct_g,
                     "energy_per_correct_j": _number(r.metrics.get("energy_per_correct_j")),
+                    **{c.key: getattr(reported, c.metric) for c in METRIC_COLUMNS if c.metric},
                 },
             )
         )

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from slmtui.per import SCORE_LABELS, PerRow, lead, summarise_models
+from slmtui.reports import columns
 
 PER_NOTE = (
     "PER is relative to the models in this table: add or remove a model and every PER of "
@@ -30,98 +31,20 @@ SCORES_NOTE = (
 FORMAT_NAME = "slmtui-report"
 FORMAT_VERSION = 1
 UNITS: dict[str, str] = {
-    "accuracy": "the task's primary metric, 0..1",
-    "throughput": "per GPU, in throughput_unit (tokens/s generate, samples/s loglikelihood)",
-    "latency_ms": "ms per generated token (generate) or per sample (loglikelihood)",
-    "memory_mb": "MB, peak of the run",
-    "energy_j": "J per unit of work (per generated token or per sample); total when unknown",
-    "co2_g": "gCO2e per unit of work, as energy_j",
-    "co2_run_g": "gCO2e over the run's measured window",
-    "co2_per_1k_tokens_g": "gCO2e per 1,000 generated tokens (prompt tokens for loglikelihood)",
-    "co2_per_correct_g": "gCO2e per correct answer",
-    "per": "the study's PER, 0..1 (min-max over the task's models)",
-    "per_rel": "PER-rel, 0..1 (ratios to the task's best)",
-    "*_n": "factor min-max normalised over the task's models, 0..1",
-    "*_r": "factor as a ratio to the task's best, 0..1",
+    **columns.units(),
     "run.metrics": "names carry their unit: _s seconds, _ms, _mb, _j joules, _w watts, _pct",
 }
 """What each exported number means, in which unit (the JSON export's ``units``)."""
 
-COLUMNS: tuple[str, ...] = (
-    "model",
-    "task",
-    "accuracy",
-    "throughput",
-    "throughput_unit",
-    "latency_ms",
-    "memory_mb",
-    "energy_j",
-    "per",
-    "rank",
-    "pareto",
-    "acc_n",
-    "thr_n",
-    "lat_n",
-    "mem_n",
-    "energy_n",
-    "per_rel",
-    "rank_rel",
-    "limiting",
-    "acc_r",
-    "thr_r",
-    "lat_r",
-    "mem_r",
-    "energy_r",
-    "co2_r",
-    "co2_g",
-    "co2_n",
-    "co2_run_g",
-    "co2_per_1k_tokens_g",
-    "co2_per_correct_g",
-    "run_id",
-)
+COLUMNS: tuple[str, ...] = columns.export_keys()
 """Columns of the CSV export and keys of each JSON row, in this order (the CSV then adds the
-stored run's settings, hardware and metrics when it has them)."""
-CARBON_KEYS = ("co2_run_g", "co2_per_1k_tokens_g", "co2_per_correct_g")
-_RATIO_KEYS = {
-    "acc_r": "accuracy",
-    "thr_r": "throughput",
-    "lat_r": "latency",
-    "mem_r": "memory",
-    "energy_r": "energy",
-    "co2_r": "co2",
-}
+stored run's settings, hardware and metrics when it has them): ``reports/columns.py``."""
+CARBON_KEYS = columns.CARBON_KEYS
 
 
 def row_record(row: PerRow) -> dict[str, Any]:
     """One PER row as a flat dict with the keys of ``COLUMNS`` (``None`` where unknown)."""
-    given = row.input
-    return {
-        "model": given.model,
-        "task": given.task,
-        "accuracy": given.accuracy,
-        "throughput": given.throughput,
-        "throughput_unit": given.throughput_unit,
-        "latency_ms": given.latency_ms,
-        "memory_mb": given.memory_mb,
-        "energy_j": given.energy_j,
-        "per": row.per,
-        "rank": row.rank,
-        "pareto": row.pareto,
-        "acc_n": row.acc_n,
-        "thr_n": row.thr_n,
-        "lat_n": row.lat_n,
-        "mem_n": row.mem_n,
-        "energy_n": row.energy_n,
-        "per_rel": row.per_rel,
-        "rank_rel": row.rank_rel,
-        "limiting": row.limiting,
-        **{key: row.ratios.get(factor) for key, factor in _RATIO_KEYS.items()},
-        "co2_g": given.co2_g,
-        "co2_n": row.co2_n,
-        **{key: given.extra.get(key) for key in CARBON_KEYS},
-        "run_id": given.extra.get("run_id"),
-    }
+    return columns.record(row)
 
 
 def _csv_cell(value: Any) -> str:
@@ -230,49 +153,20 @@ def to_markdown(rows: Sequence[PerRow], *, by: str = "per") -> str:
     named), then an overview across tasks."""
     label = SCORE_LABELS[by]
     lines: list[str] = ["# PER by task", "", f"Ranked by {label}. {PER_NOTE}", "", SCORES_NOTE, ""]
-    energy = any(r.energy_n is not None for r in rows)
-    carbon = any(r.input.extra.get("co2_run_g") is not None for r in rows)
     for task, task_rows in group_by_task(rows).items():
         unit = common_unit(task_rows)
-        header = [
-            "#",
-            "Model",
-            "Accuracy",
-            f"THR ({unit})" if unit else "THR",
-            f"LAT ({latency_unit(unit)})",
-            "MEM (MB)",
-            *(["Energy (J)"] if energy else []),
-            *(["CO2 (g/run)", "CO2 (g/correct)"] if carbon else []),
-            "PER",
-            "PER-rel",
-            "Limited by",
-            "Pareto",
-        ]
+        figures = columns.shown(columns.MARKDOWN_VIEW, rows)
+        header = ["#", "Model", *(c.header(unit, style="md") for c in figures), "Pareto"]
         body = [
             [
                 str(r.rank_by(by)),
                 _md_escape(r.model),
-                f"{r.input.accuracy:.3f}",
-                format_throughput(r, with_unit=unit is None),
-                f"{r.input.latency_ms:.2f}",
-                f"{r.input.memory_mb:,.0f}",
-                *([format_energy(r.input.energy_j)] if energy else []),
-                *(
-                    [
-                        format_grams(r.input.extra.get("co2_run_g")),
-                        format_grams(r.input.extra.get("co2_per_correct_g")),
-                    ]
-                    if carbon
-                    else []
-                ),
-                f"{r.per:.3f}",
-                f"{r.per_rel:.3f}",
-                r.limiting or "",
+                *(columns.cell(c, r, unit) for c in figures),
                 "yes" if r.pareto else "",
             ]
             for r in task_rows
         ]
-        align = "rlrrrr" + ("r" if energy else "") + ("rr" if carbon else "") + "rrll"
+        align = "rl" + "".join("l" if c.key == "limiting" else "r" for c in figures) + "l"
         lines += [f"## {_md_escape(task)}", "", *_md_table(header, align, body), ""]
         if (found := lead(task_rows)) is not None:
             lines += [found.sentence(), ""]
@@ -308,13 +202,6 @@ def common_unit(rows: Sequence[PerRow]) -> str | None:
     """The throughput unit all rows share, else ``None`` (unknown or mixed)."""
     units = {r.input.throughput_unit for r in rows}
     return units.pop() if len(units) == 1 else None
-
-
-def latency_unit(throughput_unit: str | None) -> str:
-    """LAT's unit that goes with a THR unit: ms/token for tokens/s, ms/sample for samples/s."""
-    if throughput_unit and throughput_unit.endswith("/s"):
-        return "ms/" + throughput_unit.removesuffix("/s").removesuffix("s")
-    return "ms"
 
 
 def format_throughput(row: PerRow, *, with_unit: bool) -> str:

@@ -28,7 +28,7 @@ from slmtui import profile as profiles
 from slmtui.carbon import Grid
 from slmtui.catalog import hub_model_unavailable
 from slmtui.errors import UserError
-from slmtui.per import compute_per
+from slmtui.per import automatic_rank_by, compute_per
 from slmtui.plan import plan_runs
 from slmtui.reports.commands import build_per_inputs
 from slmtui.reports.tables import render_per_tables
@@ -266,7 +266,10 @@ def _print_per(results: list[ResultRow], out: Console, *, title: str, grid: Grid
         if fallback := (row.metrics or {}).get("engine_fallback"):
             out.print(Text(f"note: {row.model} · {row.task} ran plain: {fallback}", style="yellow"))
     if built.inputs:
-        render_per_tables(compute_per(built.inputs), out, title=title, grid_label=grid.label)
+        by = automatic_rank_by(built.inputs)
+        render_per_tables(
+            compute_per(built.inputs, rank_by=by), out, title=title, by=by, grid_label=grid.label
+        )
 
 
 def _print_failures(failed: list[RunState], out: Console) -> None:

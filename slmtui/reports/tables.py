@@ -10,16 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 from slmtui.per import SCORE_LABELS, PerRow, lead, summarise_models
-from slmtui.reports.export import (
-    PER_NOTE,
-    SCORES_NOTE,
-    common_unit,
-    format_energy,
-    format_grams,
-    format_throughput,
-    group_by_task,
-    latency_unit,
-)
+from slmtui.reports import columns
+from slmtui.reports.export import PER_NOTE, SCORES_NOTE, common_unit, group_by_task
 
 PARETO_MARK = "★"
 BEST_STYLE = "bold green"
@@ -38,8 +30,6 @@ def task_table(
     ``factors`` adds the normalised factors (ACCn, THRn, LATn, MEMn, En) that PER multiplies,
     the factor limiting each row's PER-rel, and CO2 per correct answer.
     """
-    energy = any(r.energy_n is not None for r in rows)
-    carbon = any(r.input.extra.get("co2_run_g") is not None for r in rows)
     unit = common_unit(rows)
     table = Table(
         title=f"{task} · {len(rows)} model{'s' if len(rows) != 1 else ''} · "
@@ -50,42 +40,20 @@ def task_table(
         pad_edge=False,
         collapse_padding=True,
     )
-    headers = [
-        "#",
-        PARETO_MARK,
-        "Model",
-        "Acc",
-        f"THR\n{unit}" if unit else "THR",
-        f"LAT\n{latency_unit(unit)}",
-        "MEM\nMB",
-        *(["Energy\nJ"] if energy else []),
-        *(["CO2\ng/run"] if carbon else []),
-        *(["CO2 g\n/correct"] if carbon and factors else []),
-        "PER",
-        "PER-rel",
-        *(["Limited\nby"] if factors else []),
-        *(["ACCn", "THRn", "LATn", "MEMn", *(["En"] if energy else [])] if factors else []),
-    ]
+    figures = columns.shown(columns.TABLE_VIEW, rows)
+    if factors:
+        figures += columns.shown(columns.TABLE_FACTORS_VIEW, rows)
+    scores = [columns.BY_KEY["per"], columns.BY_KEY["per_rel"]]
+    if factors:
+        scores += columns.shown(("limiting", "acc_n", "thr_n", "lat_n", "mem_n", "energy_n"), rows)
+    shown = [*figures, *scores]
+    headers = ["#", PARETO_MARK, "Model", *(c.header(unit, style="table") for c in shown)]
     body = [
         [
             str(row.rank_by(by)),
             PARETO_MARK if row.pareto else "",
             row.model,
-            f"{row.input.accuracy:.3f}",
-            format_throughput(row, with_unit=unit is None),
-            f"{row.input.latency_ms:.2f}",
-            f"{row.input.memory_mb:,.0f}",
-            *([format_energy(row.input.energy_j)] if energy else []),
-            *([format_grams(row.input.extra.get("co2_run_g"))] if carbon else []),
-            *(
-                [format_grams(row.input.extra.get("co2_per_correct_g"))]
-                if carbon and factors
-                else []
-            ),
-            f"{row.per:.3f}",
-            f"{row.per_rel:.3f}",
-            *([row.limiting or "-"] if factors else []),
-            *(_factor_cells(row, energy=energy) if factors else []),
+            *(columns.cell(c, row, unit) for c in shown),
         ]
         for row in rows
     ]
@@ -103,11 +71,6 @@ def task_table(
     for row, cells in zip(rows, body, strict=True):
         table.add_row(*cells, style=BEST_STYLE if row.rank_by(by) == 1 else None)
     return table
-
-
-def _factor_cells(row: PerRow, *, energy: bool) -> list[str]:
-    values = [row.acc_n, row.thr_n, row.lat_n, row.mem_n, *([row.energy_n] if energy else [])]
-    return ["-" if v is None else f"{v:.2f}" for v in values]
 
 
 def _model_width(rows: Sequence[PerRow]) -> int:

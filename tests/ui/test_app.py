@@ -95,10 +95,17 @@ async def test_opens_with_stored_results_ranked(filled_store: Store, tmp_path: P
         rank = app.query_one(RankView)
         assert {r.model for r in rank.per_rows} == {"alpha-135m", "beta-270m", "gamma-1b"}
         table = app.query_one("#rank-table", DataTable)
-        assert column(table, "model")[0] == "beta-270m"  # best mean PER first
+        # three models: a small set, ranked by PER-rel unless the user chooses. Mean PER-rel by
+        # hand: alpha gsm8k (0.25/0.75)^(1/4) = 0.760, arc (0.4/0.6)^(1/4) = 0.904 -> 0.832;
+        # beta 0.521 and 0.577 -> 0.549; gamma (gsm8k only) 0.258.
+        assert rank.rank_by == "per_rel" and rank.rank_choice is None
+        assert column(table, "model") == ["alpha-135m", "beta-270m", "gamma-1b"]
         text = screen_text(app)
         assert "relative to the 3 models in view" in text
+        assert "Ranked by PER-rel (automatic: fewer than 4 models per task)" in text
         assert app.focused is table
+        await pilot.press("n")  # the study's PER: the others score 0 somewhere
+        assert rank.rank_by == "per" and column(table, "model")[0] == "beta-270m"
 
 
 async def test_gpus_detected_are_shown_and_counts_limited(store: Store, tmp_path: Path) -> None:
@@ -389,7 +396,7 @@ async def test_sort_by_key_and_by_header_click(filled_store: Store, tmp_path: Pa
         rank = app.query_one(RankView)
         assert rank.view == "gsm8k"
         table = app.query_one("#rank-table", DataTable)
-        assert column(table, "model")[0] == "beta-270m"  # by PER: the others score 0 somewhere
+        assert column(table, "model")[0] == "alpha-135m"  # by PER-rel: 0.760, 0.521, 0.258
         # memory: the cursor's column, lowest first is best for a cost
         table.move_cursor(column=[c.key for c in rank.columns].index("memory_mb"))
         await pilot.press("s")

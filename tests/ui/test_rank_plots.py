@@ -41,21 +41,23 @@ async def test_two_models_rank_by_per_rel_and_say_which_factor_decides(
         rank = app.query_one(RankView)
         table = app.query_one("#rank-table", DataTable)
         assert rank.view == "hellaswag"
-        assert column(table, "per") == ["0.000", "0.000"]
-        assert column(table, "rank") == ["★1", "★1"]  # the study's PER ranks nothing
-        await pilot.press("n")
-        assert rank.rank_by == "per_rel"
+        assert rank.rank_by == "per_rel"  # two models: a small set, PER-rel by default
         assert column(table, "model") == ["small-135m", "big-270m"]
         assert column(table, "per_rel") == ["0.946", "0.589"]
         assert column(table, "rank") == ["★1", " 2"]
         assert column(table, "limiting") == ["accuracy", "latency"]
         text = screen_text(app)
-        assert "Ranked by PER-rel" in text
+        assert "Ranked by PER-rel (automatic: fewer than 4 models per task)" in text
         assert "small-135m leads big-270m: latency decides (2.50× better" in text
         # CO2: measured for the GPU run at the world default, absent for the CPU-like one
         assert column(table, "co2_run_g") == ["0.0481", "–"]
         await pilot.press("n")
-        assert rank.rank_by == "per"
+        assert rank.rank_by == "per" and rank.rank_choice == "per"
+        assert column(table, "per") == ["0.000", "0.000"]
+        assert column(table, "rank") == ["★1", "★1"]  # the study's PER ranks nothing
+        assert "Ranked by PER  (n: PER-rel)" in screen_text(app)
+        await pilot.press("n")
+        assert rank.rank_by == "per_rel" and rank.rank_choice == "per_rel"
 
 
 async def test_plot_view_shows_the_task_and_the_overview(filled_store: Store, tmp_path: Path):

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from slmtui.errors import UserError
-from slmtui.per import PerInput, compute_per, lead, summarise_models
+from slmtui.per import PerInput, automatic_rank_by, compute_per, lead, summarise_models
 
 
 def row(model: str, acc: float, thr: float, lat: float, mem: float, **kw) -> PerInput:
@@ -338,3 +338,15 @@ def test_summary_means_per_rel_too():
     summary = {s.model: s for s in summarise_models(rows, by="per_rel")}
     assert summary["Y"].mean_per_rel == pytest.approx(0.945742, abs=1e-6)
     assert [s.model for s in summarise_models(rows, by="per_rel")] == ["Y", "X"]
+
+
+def test_a_small_set_ranks_by_per_rel_unless_some_task_has_four_models() -> None:
+    three = [row(m, 0.5, 10.0, 5.0, 100.0) for m in ("a", "b", "c")]
+    assert automatic_rank_by(three) == "per_rel"
+    assert automatic_rank_by([]) == "per"  # nothing to rank: the study's score, as ever
+    four_on_one_task = [*three, row("d", 0.5, 10.0, 5.0, 100.0)]
+    assert automatic_rank_by(four_on_one_task) == "per"
+    # the same model twice on a task (two settings, one label) counts once
+    assert automatic_rank_by([*three, row("c", 0.6, 10.0, 5.0, 100.0)]) == "per_rel"
+    # a fourth model on another task: every task is still a small set
+    assert automatic_rank_by([*three, row("d", 0.5, 10.0, 5.0, 100.0, task="imdb")]) == "per_rel"

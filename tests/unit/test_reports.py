@@ -352,3 +352,38 @@ def test_report_ranks_by_per_rel_on_request_and_says_so(tmp_path: Path, store: S
 def test_table_has_per_rel_beside_per_at_80_columns():
     text = render(compute_per(THREE), width=80)
     assert "PER-rel" in text and "0.931" in text and "0.669" in text
+
+
+# -- the column registry ------------------------------------------------------------------
+
+
+def test_every_view_reads_one_registry_whose_directions_are_pers():
+    from slmtui.per import HIGHER_IS_BETTER
+    from slmtui.reports import columns
+
+    assert tuple(c.key for c in columns.REGISTRY) == COLUMNS
+    assert len(set(COLUMNS)) == len(COLUMNS)
+    factor_of = {"accuracy": "accuracy", "throughput": "throughput", "latency_ms": "latency",
+                 "memory_mb": "memory", "energy_j": "energy", "co2_g": "co2"}  # fmt: skip
+    for key, factor in factor_of.items():
+        assert columns.BY_KEY[key].better is HIGHER_IS_BETTER[factor]
+    for view in (columns.RANK_TASK_VIEW, columns.TABLE_VIEW, columns.MARKDOWN_VIEW):
+        assert set(view) <= set(columns.BY_KEY)
+    throughput = columns.BY_KEY["throughput"]
+    assert throughput.header("tokens/s") == "THR/GPU tokens/s"
+    assert throughput.header("tokens/s", style="table") == "THR\ntokens/s"
+    assert throughput.header("tokens/s", style="md") == "THR (tokens/s)"
+    assert columns.BY_KEY["latency_ms"].header("samples/s", style="md") == "LAT (ms/sample)"
+
+
+def test_a_metric_column_reaches_every_export_from_the_stored_metrics(store: Store):
+    why = "fast engine: architecture 'gpt2' is not one it is verified on (…); ran plain"
+    finish(store, "r1", "a", "gsm8k", metrics={"engine": "plain", "engine_fallback": why})
+    finish(store, "r2", "b", "gsm8k", metrics={"engine": "fast", "engine_fallback": None})
+    rows = compute_per(build_per_inputs(store.results()).inputs)
+    by_model = {r["model"]: r for r in csv.DictReader(io.StringIO(to_csv(rows)))}
+    assert by_model["a"]["engine"] == "plain" and by_model["a"]["engine_fallback"] == why
+    assert by_model["b"]["engine"] == "fast" and by_model["b"]["engine_fallback"] == ""
+    document = json.loads(to_json(rows))
+    assert {r["model"]: r["engine"] for r in document["rows"]} == {"a": "plain", "b": "fast"}
+    assert document["units"]["engine_fallback"].startswith("why plain ran")

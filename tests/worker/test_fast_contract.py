@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from slmtui.metrics import FIELD_NAMES
 from slmtui.spec import ModelRef, RunSpec, TaskOptions
 from slmtui.tasks.base import GenerateRequest, LoglikelihoodRequest, LoglikelihoodResponse
 from slmtui.worker.engines import start_engine
@@ -267,3 +268,5 @@ def test_a_run_on_a_refused_model_stores_plain_with_the_reason(
     assert metrics["engine"] == "plain" and metrics["engine_requested"] == "fast"
     assert "architecture 'gpt2'" in metrics["engine_fallback"]
     assert metrics["engine_fallback"] in metrics["notes"]
+    # every key the run reports is a documented RunMetrics field
+    assert set(metrics) - FIELD_NAMES == set()

@@ -22,9 +22,19 @@ from textual.widgets import DataTable, Input, Static, Tab, Tabs
 
 from slmtui.carbon import Grid
 from slmtui.errors import UserError
-from slmtui.per import SCORE_LABELS, PerRow, compute_per, lead, summarise_models
+from slmtui.per import (
+    SCORE_LABELS,
+    SMALL_SET,
+    PerRow,
+    automatic_rank_by,
+    compute_per,
+    lead,
+    summarise_models,
+)
+from slmtui.reports import columns
+from slmtui.reports.columns import CARBON_KEYS, RANK_TASK_VIEW
 from slmtui.reports.commands import build_per_inputs
-from slmtui.reports.export import group_by_task, latency_unit
+from slmtui.reports.export import common_unit, group_by_task
 from slmtui.store import ResultRow
 from slmtui.ui.cells import num
 from slmtui.ui.tables import fill_table
@@ -34,7 +44,6 @@ if TYPE_CHECKING:
     from slmtui.reports.plots import Chart
 
 OVERVIEW = "overview"
-_CARBON = ("co2_run_g", "co2_per_1k_tokens_g", "co2_per_correct_g")
 
 
 @dataclass(frozen=True)
@@ -45,33 +54,9 @@ class Column:
     """Which end is best, for marking the best cell; ``None``: not marked."""
 
 
-def task_columns(unit: str | None, *, carbon: bool = False) -> list[Column]:
-    thr = f"THR/GPU {unit}" if unit else "THR/GPU"
-    return [
-        Column("rank", "#"),
-        Column("model", "Model"),
-        Column("per", "PER", True),
-        Column("per_rel", "PER-rel", True),
-        Column("limiting", "Limited by"),
-        Column("accuracy", "Accuracy", True),
-        Column("throughput", thr, True),
-        Column("latency_ms", f"LAT {latency_unit(unit)}", False),
-        Column("memory_mb", "MEM MB", False),
-        *(
-            [
-                Column("co2_run_g", "CO2 g/run", False),
-                Column("co2_per_1k_tokens_g", "CO2 g/1k tok", False),
-                Column("co2_per_correct_g", "CO2 g/correct", False),
-            ]
-            if carbon
-            else []
-        ),
-        Column("acc_n", "ACCn"),
-        Column("thr_n", "THRn"),
-        Column("lat_n", "LATn"),
-        Column("mem_n", "MEMn"),
-        Column("pareto", "Pareto"),
-    ]
+def task_columns(rows: Sequence[PerRow], unit: str | None) -> list[Column]:
+    """The columns of one task's table, from the column registry (``reports/columns.py``)."""
+    return [Column(c.key, c.header(unit), c.better) for c in columns.shown(RANK_TASK_VIEW, rows)]
 
 
 @dataclass
@@ -142,6 +127,9 @@ class RankView(Vertical):
         self.grid = grid
         self.rank_by = "per"
         """The score that orders and ranks: "per" (the study's) or "per_rel"."""
+        self.rank_choice: str | None = None
+        """The score the user chose with ``n``; None: ``automatic_rank_by`` (PER-rel for a
+        small set, the study's PER otherwise)."""
         self.plotting = False
         self.chart_index = 0
         """Which of the task's charts the plot shows (throughput, then energy)."""
@@ -198,6 +186,7 @@ class RankView(Vertical):
     def _recompute(self) -> None:
         built = build_per_inputs(self._in_view(), grid=self.grid)
         self.notes = built.notes
+        self.rank_by = self.rank_choice or automatic_rank_by(built.inputs)
         try:
             self.per_rows = compute_per(built.inputs, rank_by=self.rank_by)
         except UserError as exc:
@@ -284,33 +273,13 @@ class RankView(Vertical):
 
     def _task_lines(self, task: str) -> tuple[list[Column], list[Line]]:
         rows = group_by_task(self.per_rows).get(task, [])
-        units = {r.input.throughput_unit for r in rows}
-        unit = units.pop() if len(units) == 1 else None
-        carbon = any(r.input.extra.get("co2_run_g") is not None for r in rows)
-        lines = [
-            Line(
-                r.input.key or f"{r.model}:{n}",
-                {
-                    "rank": r.rank_by(self.rank_by),
-                    "model": r.model,
-                    "accuracy": r.input.accuracy,
-                    "throughput": r.input.throughput,
-                    "latency_ms": r.input.latency_ms,
-                    "memory_mb": r.input.memory_mb,
-                    "per": r.per,
-                    "per_rel": r.per_rel,
-                    "limiting": r.limiting,
-                    **{k: r.input.extra.get(k) for k in _CARBON},
-                    "acc_n": r.acc_n,
-                    "thr_n": r.thr_n,
-                    "lat_n": r.lat_n,
-                    "mem_n": r.mem_n,
-                    "pareto": r.pareto,
-                },
-            )
-            for n, r in enumerate(rows)
-        ]
-        return task_columns(unit, carbon=carbon), lines
+        shown = task_columns(rows, common_unit(rows))
+        lines = []
+        for n, r in enumerate(rows):
+            values = {c.key: columns.BY_KEY[c.key].read(r) for c in shown}
+            values["rank"] = r.rank_by(self.rank_by)
+            lines.append(Line(r.input.key or f"{r.model}:{n}", values))
+        return shown, lines
 
     def _best_values(self) -> dict[str, Any]:
         best: dict[str, Any] = {}
@@ -338,10 +307,10 @@ class RankView(Vertical):
             return Text(str(value), justify="right")
         if col.key == "limiting":
             return Text(value or "–", style="dim" if value is None else "")
-        if col.key in _CARBON:
+        if col.key in CARBON_KEYS:
             return Text("–" if value is None else f"{value:.3g}", justify="right")
-        digits = {"throughput": 1, "latency_ms": 2, "memory_mb": 0}.get(col.key, 3)
-        text = Text(num(value, digits), justify="right")
+        registered = columns.BY_KEY.get(col.key)
+        text = Text(num(value, registered.digits if registered else 3), justify="right")
         if col.key in (self.rank_by, f"mean_{self.rank_by}"):
             text.stylize("bold")
         if col.key in best and value == best[col.key]:
@@ -357,6 +326,8 @@ class RankView(Vertical):
             label = SCORE_LABELS[self.rank_by]
             other = SCORE_LABELS["per" if self.rank_by == "per_rel" else "per_rel"]
             note.append(f"Ranked by {label}", style="bold")
+            if self.rank_choice is None and self.rank_by == "per_rel":
+                note.append(f" (automatic: fewer than {SMALL_SET} models per task)")
             note.append(
                 f"  (n: {other}), relative to the {models} model{'s' * (models != 1)} in view. "
                 "PER is 0 for a model worst on any factor; PER-rel divides each by the best.\n"
@@ -459,7 +430,7 @@ class RankView(Vertical):
 
     def action_switch_score(self) -> None:
         """Rank by the other score: the study's PER or PER-rel."""
-        self.rank_by = "per_rel" if self.rank_by == "per" else "per"
+        self.rank_choice = "per_rel" if self.rank_by == "per" else "per"
         self.sort_by.clear()
         self._recompute()
 
