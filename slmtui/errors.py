@@ -18,6 +18,11 @@ class UserError(Exception):
         super().__init__(" ".join(message.split("\n")))
 
 
+class StoreWriteError(UserError):
+    """The results store could not be written (disk full, read-only, I/O error). Defined here,
+    below both, so the scheduler can stop its runs on it without importing the store."""
+
+
 def did_you_mean(word: str, allowed: Iterable[str]) -> str:
     """A " (did you mean 'x'?)" suffix when a close match exists, else ""."""
     matches = difflib.get_close_matches(word, list(allowed), n=1, cutoff=0.6)

@@ -33,3 +33,16 @@ def default_db_path() -> Path:
 def logs_dir() -> Path:
     """Worker stderr logs, one file per run; internal tracebacks go here, not to the screen."""
     return data_dir() / "logs"
+
+
+def runtime_dir() -> Path:
+    """Where the scheduler service keeps its socket and lock: owner-only (0700), never shared.
+
+    $SLMTUI_RUNTIME_DIR, else $XDG_RUNTIME_DIR/slmtui, else /tmp/slmtui-<uid>. The caller
+    creates it (``slmtui.scheduler.address.private_dir`` checks owner and mode).
+    """
+    if env := os.environ.get("SLMTUI_RUNTIME_DIR"):
+        return Path(env)
+    if base := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(base) / "slmtui"
+    return Path("/tmp") / f"slmtui-{os.getuid()}"

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 PROTOCOL_VERSION = 1
 
 ErrorReason = Literal[
-    "oom", "load_failed", "data_failed", "crashed", "timeout", "cancelled", "bad_spec"
+    "oom", "load_failed", "data_failed", "crashed", "timeout", "cancelled", "bad_spec", "hung"
 ]
 ERROR_REASONS: tuple[str, ...] = (
     "oom",
@@ -29,7 +29,9 @@ ERROR_REASONS: tuple[str, ...] = (
     "timeout",
     "cancelled",
     "bad_spec",
+    "hung",
 )
+"""``hung``: no event (not even the heartbeat) for the scheduler's grace; the scheduler stops it."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,37 @@ def parse_event(line: str) -> Event:
     if cls is None:
         raise ProtocolError(f"unknown event type {d['type']!r}")
     names = {f.name for f in fields(cls)}
+    kwargs = {k: v for k, v in d.items() if k in names}
+    _check_shape(d["type"], kwargs)
     try:
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**kwargs)
     except TypeError as exc:
         raise ProtocolError(f"bad {d['type']} event: {exc}") from exc
+
+
+_DICT_FIELDS = ("spec", "hardware", "telemetry", "metrics", "extra")
+_NUMBER_FIELDS = ("t", "pid", "done", "total", "index", "elapsed_s", "score")
+
+
+def _check_shape(kind: str, kwargs: dict[str, Any]) -> None:
+    """The fields a reader relies on have the right JSON type (a str run id, dict payloads,
+    numbers), so a garbled event is refused here rather than failing later in the store."""
+    if not isinstance(kwargs.get("run_id"), str):
+        raise ProtocolError(f"bad {kind} event: run_id must be a string")
+    for name, value in kwargs.items():
+        if name in _DICT_FIELDS and not isinstance(value, dict):
+            raise ProtocolError(f"bad {kind} event: {name} must be an object")
+        if name in _NUMBER_FIELDS and not isinstance(value, int | float):
+            raise ProtocolError(f"bad {kind} event: {name} must be a number")
+
+
+def is_malformed_event(line: str) -> bool:
+    """Whether a line that ``parse_event`` refused claims to be an event of this protocol (a
+    garbled or truncated event, a fault) rather than a stray print (skipped and counted)."""
+    text = line.strip()
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError:
+        compact = text.replace(" ", "")
+        return compact.startswith('{"v":' + str(PROTOCOL_VERSION))
+    return isinstance(d, dict) and d.get("v") == PROTOCOL_VERSION and d.get("type") in EVENT_TYPES

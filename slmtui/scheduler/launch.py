@@ -5,17 +5,21 @@ Each worker starts in a session (and process group) of its own, so a signal mean
 torchrun starts every rank in yet another session, so signalling the worker's group is not
 enough: ``WorkerProcess`` also tracks the worker's descendants (psutil, refreshed while it runs)
 and signals each of them. Stopping is SIGTERM to all, a grace period, then SIGKILL to what is left.
-If the app itself is SIGKILLed, the workers' stdout pipe breaks and they die on their next event.
+If the scheduler itself is SIGKILLed, each worker gets SIGKILL from the kernel at once (Linux
+``PR_SET_PDEATHSIG``, set between fork and exec); elsewhere the workers' stdout pipe breaks and
+they die on their next event (their heartbeat comes every half second).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -32,6 +36,29 @@ NO_NVLINK_MULTICAST: dict[str, str] = {
 
 LOG_TAIL_LINES = 40
 LOG_TAIL_CHARS = 4000
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> object | None:
+    """libc's prctl, looked up before any fork (nothing may be loaded between fork and exec)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+def _die_with(parent_pid: int) -> None:
+    """In the child, before exec: SIGKILL when the thread that started us ends (the scheduler's
+    thread lives as long as the scheduler), so a killed scheduler leaves no worker behind."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL.value, 0, 0, 0)  # type: ignore[operator]
+        if os.getppid() != parent_pid:  # the parent died before the line above
+            os._exit(1)
 
 
 def worker_command(
@@ -83,6 +110,7 @@ class WorkerProcess:
                 stdout=subprocess.PIPE,
                 stderr=log,
                 start_new_session=True,
+                preexec_fn=partial(_die_with, os.getpid()) if _PRCTL is not None else None,
             )
         self.pid = self.proc.pid
         self._known: dict[int, psutil.Process] = {}

@@ -7,8 +7,12 @@ headless loop) call ``submit``, ``cancel``, ``snapshot`` and ``wait``; state is 
 lock and the listener is never called with it held.
 
 A run ends exactly once: with the worker's result or error, or with ``RunFailed`` made here
-(``timeout``, ``cancelled``, or ``crashed`` when the worker exits without a result). Its GPUs
-are free again only when its processes are gone.
+(``timeout``, ``cancelled``, ``hung`` when no line came for ``hang_grace_s`` although the worker
+sends a heartbeat every half second, or ``crashed`` when the worker exits without a result or
+sends a malformed event). Its GPUs are free again only when its processes are gone.
+
+If the store refuses a write (disk full, read-only), the scheduler says so once
+(``store_error``), launches nothing more and stops the runs: what is stored stays stored.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from types import FrameType
 from typing import Any, Protocol
 
 from slmtui import paths
+from slmtui.errors import StoreWriteError
 from slmtui.protocol import (
     Event,
     ProtocolError,
@@ -38,6 +43,7 @@ from slmtui.protocol import (
     RunQueued,
     RunStarted,
     SampleScored,
+    is_malformed_event,
     parse_event,
 )
 from slmtui.scheduler.gpus import Gpu, detect_gpus
@@ -51,6 +57,9 @@ Listener = Callable[[Event], None]
 
 _DESCENDANTS_EVERY_S = 1.0
 _PIPE_GRACE_S = 1.0
+HANG_GRACE_S = 120.0
+"""A worker that sends no line for this long is stopped as ``hung`` (its heartbeat comes every
+0.5 s in every phase, from a thread of its own, so only a wedged process goes this quiet)."""
 
 
 class EventStore(Protocol):
@@ -110,6 +119,8 @@ class _Worker:
     kill_at_mono: float | None = None
     tracked_mono: float = 0.0
     non_event_lines: int = 0
+    last_line_mono: float = 0.0
+    malformed: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,8 @@ class _Line:
     run_id: str
     event: Event | None
     raw: str = ""
+    malformed: str | None = None
+    """Why a line that claims to be an event could not be read."""
 
 
 @dataclass(frozen=True)
@@ -149,11 +162,13 @@ class Scheduler:
         exit_grace_s: float = 30.0,
         tick_s: float = 0.1,
         handle_signals: bool = True,
+        hang_grace_s: float = HANG_GRACE_S,
     ) -> None:
         """
         ``inventory``: the GPUs to use (default: ``detect_gpus()``); empty means a CPU box.
         ``kill_grace_s``: SIGTERM to SIGKILL. ``exit_grace_s``: how long a worker may linger
-        after its result before it is stopped (the result stands). ``handle_signals``: on
+        after its result before it is stopped (the result stands). ``hang_grace_s``: silence
+        after which a worker is stopped as hung. ``handle_signals``: on
         ``start`` from the main thread, SIGINT/SIGTERM/SIGHUP stop every run before the app
         goes (the previous handlers are chained).
         """
@@ -166,6 +181,9 @@ class Scheduler:
         self.exit_grace_s = exit_grace_s
         self.tick_s = tick_s
         self.handle_signals = handle_signals
+        self.hang_grace_s = hang_grace_s
+        self.store_error: str | None = None
+        """The one-line reason the store refused a write; set once, then nothing launches."""
 
         self._lock = threading.RLock()
         self._settled_cv = threading.Condition(self._lock)
@@ -191,6 +209,8 @@ class Scheduler:
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the scheduler is shut down")
+            if self.store_error is not None:
+                raise StoreWriteError(self.store_error)
             for spec in specs:
                 run_id = new_run_id()
                 now = time.time()
@@ -203,6 +223,18 @@ class Scheduler:
                 self._settled = False
         return run_ids
 
+    def requeue(self, runs: Iterable[tuple[str, RunSpec, float]]) -> None:
+        """Queue runs the store already holds as queued, under their own ids (the service
+        adopting the queue a dead scheduler left): ``(run_id, spec, queued_at)``."""
+        with self._lock:
+            for run_id, spec, queued_at in runs:
+                if run_id in self._states:
+                    continue
+                self._states[run_id] = RunState(run_id, spec, "queued", queued_at=queued_at)
+                self._pending.append(Pending(run_id, spec))
+                self._inbox.put(_Notify(RunQueued(run_id, spec=spec.to_dict(), t=queued_at)))
+                self._settled = False
+
     def cancel(self, run_id: str) -> bool:
         """Cancel a queued run (recorded as cancelled) or stop a running one (SIGTERM, then
         SIGKILL after the grace period). Returns False if the run is unknown or has ended."""
@@ -213,7 +245,7 @@ class Scheduler:
                     event = RunFailed(
                         run_id, reason="cancelled", message="cancelled before it started"
                     )
-                    self.store.record(event)
+                    self._record(event)
                     self._end_state(event)
                     self._inbox.put(_Notify(event))
                     return True
@@ -326,6 +358,12 @@ class Scheduler:
         if isinstance(item, _Eof):
             worker.eof = True
             return
+        worker.last_line_mono = time.monotonic()
+        if item.malformed is not None:
+            if worker.outcome is None and worker.malformed is None:
+                worker.malformed = item.malformed
+                self._stop(worker, "malformed")
+            return
         event = item.event
         if event is None or event.run_id != worker.run_id or isinstance(event, RunQueued):
             worker.non_event_lines += 1
@@ -335,6 +373,8 @@ class Scheduler:
             return  # nothing changes a run after its result or error
         if isinstance(event, RunFailed) and worker.stop_reason is not None:
             return  # the scheduler's own reason (timeout, cancelled) is recorded at exit
+        if isinstance(event, RunFailed) and event.reason == "oom":
+            event = self._with_reach(event)
         if isinstance(event, RunFinished | RunFailed):
             worker.outcome = event
             worker.outcome_mono = time.monotonic()
@@ -342,10 +382,7 @@ class Scheduler:
 
     def _commit(self, event: Event, out: _Outbox) -> None:
         """Store first, then update the view, then (outside the lock) tell the listener."""
-        try:
-            self.store.record(event)
-        except Exception as exc:  # a full disk must not orphan the workers
-            print(f"slmtui: could not store {event.type} of {event.run_id}: {exc}", file=sys.stderr)
+        self._record(event)
         if isinstance(event, RunStarted):
             self._update(event.run_id, status="running")
         elif isinstance(event, RunProgress):
@@ -357,6 +394,39 @@ class Scheduler:
         elif isinstance(event, RunFinished | RunFailed):
             self._end_state(event)
         out.events.append(event)
+
+    def _with_reach(self, event: RunFailed) -> RunFailed:
+        """An OOM after some samples says how far the run got (those samples are stored)."""
+        state = self._states.get(event.run_id)
+        if state is None:
+            return event
+        done = max(state.samples_done, state.progress.done if state.progress else 0)
+        total = state.progress.total if state.progress else 0
+        if not done:
+            return event
+        reach = f"reached {done} of {total or '?'} samples, which are stored"
+        return replace(event, message=f"{event.message} ({reach})")
+
+    def _record(self, event: Event) -> None:
+        """Store an event; a store that refuses writes stops the runs (workers never orphaned)."""
+        try:
+            self.store.record(event)
+        except StoreWriteError as exc:
+            if self.store_error is None:
+                self.store_error = str(exc)
+                print(f"slmtui: {exc}; stopping the runs", file=sys.stderr)
+                pending, self._pending = self._pending, []
+                for run in pending:
+                    failed = RunFailed(
+                        run.run_id, reason="cancelled", message=f"not started: {exc}"
+                    )
+                    self._end_state(failed)
+                    self._inbox.put(_Notify(failed))
+                for worker in self._workers.values():
+                    if worker.outcome is None:
+                        self._stop(worker, "store")
+        except Exception as exc:  # a bad event must not orphan the workers
+            print(f"slmtui: could not store {event.type} of {event.run_id}: {exc}", file=sys.stderr)
 
     def _watch_workers(self, out: _Outbox) -> None:
         now = time.monotonic()
@@ -376,6 +446,10 @@ class Scheduler:
             overdue = now - worker.launched_mono > worker.spec.timeout_s
             if overdue and worker.stop_reason is None and worker.outcome is None:
                 self._stop(worker, "timeout")
+            quiet_s = now - max(worker.last_line_mono, worker.launched_mono)
+            silent = quiet_s > self.hang_grace_s and not exited and worker.outcome is None
+            if silent and worker.stop_reason is None:
+                self._stop(worker, "hung")
             if (
                 worker.outcome is not None
                 and worker.kill_at_mono is None
@@ -416,6 +490,28 @@ class Scheduler:
                     message=f"no result within the run's timeout of {spec.timeout_s:g} s; stopped",
                     log_tail=tail,
                 )
+            elif worker.stop_reason == "hung":
+                event = RunFailed(
+                    worker.run_id,
+                    reason="hung",
+                    message=f"no event from the worker for {self.hang_grace_s:g} s "
+                    "(its heartbeat comes every 0.5 s); stopped",
+                    log_tail=tail,
+                )
+            elif worker.stop_reason == "malformed":
+                event = RunFailed(
+                    worker.run_id,
+                    reason="crashed",
+                    message=f"the worker sent a malformed event ({worker.malformed}); stopped",
+                    log_tail=tail,
+                )
+            elif worker.stop_reason == "store":
+                event = RunFailed(
+                    worker.run_id,
+                    reason="cancelled",
+                    message=f"stopped: {self.store_error}",
+                    log_tail=tail,
+                )
             elif worker.stop_reason == "cancelled":
                 event = RunFailed(
                     worker.run_id,
@@ -434,6 +530,8 @@ class Scheduler:
             self._commit(event, out)
 
     def _launch_ready(self, out: _Outbox) -> None:
+        if self.store_error is not None:
+            return
         busy = {i for w in self._workers.values() for i in w.gpu_ids}
         free = [g for g in self.gpus if g.index not in busy]
         for assignment in pack(self._pending, free, cpu_free=self._cpu_run is None):
@@ -476,13 +574,17 @@ class Scheduler:
                     line = raw.decode("utf-8", errors="replace").strip()
                     if not line:
                         continue
+                    malformed: str | None = None
                     try:
                         event: Event | None = parse_event(line)
-                    except ProtocolError:
+                    except ProtocolError as exc:
                         event = None
+                        if is_malformed_event(line):
+                            malformed = str(exc)
+                            log.write(f"[malformed event] {exc}\n".encode())
                         log.write(b"[stdout] " + raw.rstrip(b"\n") + b"\n")
                         log.flush()
-                    self._inbox.put(_Line(run_id, event))
+                    self._inbox.put(_Line(run_id, event, malformed=malformed))
         except (OSError, ValueError):
             pass  # the pipe was closed under us: the process is gone
         finally:

@@ -9,6 +9,7 @@ from slmtui.store.store import (
     RunStatus,
     SampleRow,
     Store,
+    StoreWriteError,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "RunStatus",
     "SampleRow",
     "Store",
+    "StoreWriteError",
 ]

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +26,7 @@ from typing import Any, Literal
 import psutil
 
 from slmtui import paths
-from slmtui.errors import UserError
+from slmtui.errors import StoreWriteError, UserError
 from slmtui.protocol import (
     Event,
     RunFailed,
@@ -151,8 +151,13 @@ class Store:
     """The SQLite results store. ``Store(path)`` creates or migrates the file and recovers
     runs a killed app left behind (see ``recover``)."""
 
-    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str] | None = None, *, keep_queued: bool = False
+    ) -> None:
+        """``keep_queued``: on recovery, queued runs of a dead owner stay queued (the scheduler
+        service adopts them on its next start) instead of being cancelled."""
         self.path = Path(path) if path is not None else paths.default_db_path()
+        self.keep_queued = keep_queued
         in_memory = str(path) == ":memory:"
         if not in_memory:
             try:
@@ -174,6 +179,11 @@ class Store:
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             migrate(self._conn)
+        except sqlite3.OperationalError as exc:
+            raise UserError(
+                f"--db {self.path}: cannot open it for writing ({exc}); "
+                "give a writable path (a full disk or a read-only mount?)"
+            ) from exc
         except sqlite3.DatabaseError as exc:
             raise UserError(
                 f"--db {self.path}: not a slmtui results store ({exc}); "
@@ -263,10 +273,11 @@ class Store:
             raise TypeError(f"the store does not record {type(event).__name__} events")
 
     def recover(self) -> list[str]:
-        """Close runs whose app is gone: running -> failed ("crashed"), queued -> cancelled.
+        """Close runs whose app is gone: running -> failed ("crashed"), queued -> cancelled
+        (or, with ``keep_queued``, still queued for the scheduler service to adopt).
 
-        A run belongs to the process that submitted it; runs of a live slmtui (another
-        console or headless run sharing this store) are left alone. Returns the run ids marked.
+        A run belongs to the process that submitted it (the scheduler service, or an app that
+        ran its own scheduler); runs of a live owner are left alone. Returns the run ids marked.
         """
         marked: list[str] = []
         now = time.time()
@@ -282,8 +293,10 @@ class Store:
                     conn.execute(
                         "UPDATE runs SET status = 'failed', finished_at = ?,"
                         " error_reason = 'crashed', error_message = ? WHERE run_id = ?",
-                        (now, "app exited during the run", run_id),
+                        (now, "its scheduler (app or service) exited during the run", run_id),
                     )
+                elif self.keep_queued:
+                    continue
                 else:
                     conn.execute(
                         "UPDATE runs SET status = 'cancelled', finished_at = ?,"
@@ -292,6 +305,22 @@ class Store:
                     )
                 marked.append(run_id)
         return marked
+
+    def adopt_queued(self) -> list[RunRow]:
+        """Take over queued runs whose owner is gone (the service after a crash or a reboot):
+        they now belong to this process, which runs them. Oldest first."""
+        with self._transaction(durable=True) as conn:
+            rows = conn.execute(
+                "SELECT run_id, app_pid, app_started_at FROM runs WHERE status = 'queued'"
+            ).fetchall()
+            orphans = [r[0] for r in rows if not _process_alive(r[1], r[2])]
+            for run_id in orphans:
+                conn.execute(
+                    "UPDATE runs SET app_pid = ?, app_started_at = ? WHERE run_id = ?",
+                    (self._app_pid, self._app_started_at, run_id),
+                )
+        adopted = [self.run(run_id) for run_id in orphans]
+        return sorted((r for r in adopted if r is not None), key=lambda r: r.queued_at)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -441,22 +470,37 @@ class Store:
 
     @contextmanager
     def _transaction(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
-        """One write transaction; ``durable`` syncs the WAL at commit (survives power loss)."""
+        """One write transaction; ``durable`` syncs the WAL at commit (survives power loss).
+
+        A write the disk refuses (full, read-only, I/O error) raises ``StoreWriteError`` with
+        one line; what was committed before stays committed.
+        """
         with self._lock:
             conn = self._conn
-            if durable:
-                conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            else:
-                conn.execute("COMMIT")
-            finally:
                 if durable:
-                    conn.execute("PRAGMA synchronous=NORMAL")
+                    conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    if conn.in_transaction:
+                        with suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                    raise
+                else:
+                    conn.execute("COMMIT")
+                finally:
+                    if durable:
+                        with suppress(sqlite3.Error):
+                            conn.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.OperationalError as exc:
+                if conn.in_transaction:
+                    with suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise StoreWriteError(
+                    f"store {self.path}: cannot write ({exc}); results stored so far are kept"
+                ) from exc
 
     def _select(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
         with self._lock:

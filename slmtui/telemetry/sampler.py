@@ -11,7 +11,10 @@ result metrics.
 Failure never reaches the run: without NVML the report says ``gpu: "none"`` and memory is RSS; an
 NVML error mid-run is recorded, the failing reading is skipped, and after
 ``MAX_CONSECUTIVE_FAILURES`` failed samples NVML is dropped (``degraded`` says why) while RSS
-sampling goes on. Only misuse of the API (a window ended twice) raises.
+sampling goes on. An NVML call that never returns (a driver that stopped answering) holds up no
+one for long: the run's own calls (``snapshot`` for the heartbeat, the windows, ``stop``) wait at
+most ``stall_s`` for it, then NVML is given up for the run the same way. Only misuse of the API (a
+window ended twice) raises.
 
 Attribution: NVML lists processes by PID. Inside a container NVML may report host PIDs that match
 nothing in the worker's namespace (nvtop #149); then the sampler cannot tell its own process from
@@ -24,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +46,8 @@ MAX_ERRORS_KEPT = 10
 FAMILY_REFRESH_S = 5.0
 """How often the worker's process tree (children via psutil) is re-read: a scan of every process
 on the box (~4 ms of mostly GIL-held Python), too dear for every sample."""
+NVML_STALL_S = 10.0
+"""An NVML call blocked this long counts as NVML not answering (its reads take milliseconds)."""
 UNKNOWN_PID_REFRESH_S = 1.0
 """Sooner when NVML lists a PID outside the known tree (a new child?), at most this often."""
 
@@ -153,6 +158,7 @@ class TelemetrySampler:
         max_series_points: int = 300,
         cuda_visible_devices: str | None = None,
         backend_factory: Callable[[], GpuBackend] = open_backend,
+        stall_s: float = NVML_STALL_S,
     ) -> None:
         if not period_s > 0:
             raise ValueError(f"period_s must be > 0, got {period_s}")
@@ -181,6 +187,9 @@ class TelemetrySampler:
         self._started = False
         self._report: dict[str, Any] | None = None
         self._latest: dict[str, Any] = {}
+        self.stall_s = stall_s
+        self._stalled = False
+        """An NVML call stopped answering: nobody waits for the lock or calls NVML again."""
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -199,26 +208,25 @@ class TelemetrySampler:
 
     def stop(self) -> dict[str, Any]:
         """Stop sampling and return the report (the same dict on every later call)."""
-        with self._lock:
-            if self._report is not None:
-                return self._report
+        if self._report is not None:
+            return self._report
         self._stop_event.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5 * self.period_s + 5)
-        with self._lock:
+        if self._thread is not None and not self._stalled:
+            self._thread.join(timeout=min(5 * self.period_s + 5, self.stall_s))
+        with self._locked() as locked:
             if self._report is not None:
                 return self._report
-            if self._started:
-                self._sample()
+            if self._started and locked:
+                self._bounded(self._sample)
             for name in list(self._windows_open):
                 window = self._windows_open.pop(name)
                 self._windows[name] = _empty_window(
                     window, "window not ended before the sampler stopped"
                 )
             self._report = self._build_report()
-            if self._backend is not None:
-                self._backend.close()
-                self._backend = None
+            backend, self._backend = self._backend, None
+            if backend is not None and not self._stalled:
+                self._bounded(backend.close)
             return self._report
 
     def __enter__(self) -> TelemetrySampler:
@@ -227,6 +235,43 @@ class TelemetrySampler:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    # ---- NVML that stops answering -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[bool]:
+        """Hold the lock, waiting at most ``stall_s`` for it; yields False (without the lock)
+        when NVML stopped answering: the sampler thread is stuck in a call, holding it."""
+        locked = not self._stalled and self._lock.acquire(timeout=self.stall_s)
+        if not locked:
+            self._give_up_nvml()
+        try:
+            yield locked
+        finally:
+            if locked:
+                self._lock.release()
+
+    def _bounded(self, fn: Callable[[], object]) -> bool:
+        """Run NVML work for a caller (the run's main thread) in a helper thread, waiting at most
+        ``stall_s``; False (and NVML given up) when it did not return."""
+        if self._stalled:
+            return False
+        helper = threading.Thread(target=fn, name="slmtui-nvml-call", daemon=True)
+        helper.start()
+        helper.join(self.stall_s)
+        if helper.is_alive():
+            self._give_up_nvml()
+            return False
+        return True
+
+    def _give_up_nvml(self) -> None:
+        if self._stalled:
+            return
+        self._stalled = True
+        self._degraded = (
+            f"NVML stopped answering (a call blocked for over {self.stall_s:g} s); "
+            f"GPU sampling stopped at {self._now():.1f} s"
+        )
 
     def _open_gpus(self) -> None:
         try:
@@ -284,7 +329,7 @@ class TelemetrySampler:
         state.n_samples += 1
         state.peaks.update("rss_mb", rss_mb)
         values: dict[str, float | None] = {"rss_mb": rss_mb}
-        if self._backend is not None:
+        if self._backend is not None and not self._stalled:
             values.update(self._sample_gpus(t_s, family))
         self._series.add(t_s, values)
         self._latest = values
@@ -294,7 +339,11 @@ class TelemetrySampler:
         state = self._state
         failures = 0
         for gpu in self._gpus:
+            if self._stalled or self._backend is None:
+                return {}  # NVML was given up while a call blocked: these readings are stale
             failures += self._read_gpu(gpu, t_s, family)
+        if self._stalled or self._backend is None:
+            return {}
         if failures == len(self._gpus) * 4:
             state.consecutive_failures += 1
             if state.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
@@ -409,12 +458,11 @@ class TelemetrySampler:
 
     def begin_window(self, name: str) -> None:
         """Open the measured window ``name``: read the energy counters (after a CUDA sync)."""
-        with self._lock:
+        with self._locked():
             self._require_started("begin_window")
             if name in self._windows_open or name in self._windows:
                 raise ValueError(f"telemetry window {name!r} was already begun")
-            self._sample()
-            counters, error = self._read_counters()
+            counters, error = self._sample_and_count()
             self._windows_open[name] = _Window(
                 name=name,
                 t_begin_s=self._state.power.last_t_s or self._now(),
@@ -426,15 +474,26 @@ class TelemetrySampler:
 
     def end_window(self, name: str) -> dict[str, Any]:
         """Close the window ``name`` (after a CUDA sync) and return its energy entry."""
-        with self._lock:
+        with self._locked():
             self._require_started("end_window")
             window = self._windows_open.pop(name, None)
             if window is None:
                 raise ValueError(f"telemetry window {name!r} was not begun (or already ended)")
-            self._sample()
-            counters, error = self._read_counters()
+            counters, error = self._sample_and_count()
             self._windows[name] = self._close_window(window, counters, error or window.error)
             return self._windows[name]
+
+    def _sample_and_count(self) -> tuple[list[int] | None, str | None]:
+        """A sample and the energy counters, for a window's end; bounded in time."""
+        out: list[tuple[list[int] | None, str | None]] = []
+
+        def work() -> None:
+            self._sample()
+            out.append(self._read_counters())
+
+        if not self._bounded(work) or not out:
+            return None, self._degraded or "NVML stopped answering"
+        return out[0]
 
     def _require_started(self, what: str) -> None:
         if not self._started or self._report is not None:
@@ -489,8 +548,9 @@ class TelemetrySampler:
     # ---- reading ------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """Live values for progress events: the latest sample, per GPU and summed."""
-        with self._lock:
+        """Live values for progress events: the latest sample, per GPU and summed. Never waits
+        more than ``stall_s`` (the heartbeat calls it); without the lock it reads what it can."""
+        with self._locked():
             latest = dict(self._latest)
             gpus = [
                 {
@@ -602,6 +662,8 @@ def metrics_from_report(
     metrics.update(energy_metrics(energy_j, tokens_out, n_samples, n_correct))
     metrics["energy_source"] = source if energy_j is not None else None
     metrics["energy_flagged"] = flagged
+    # Why NVML stopped answering (or never did); None when it answered throughout.
+    metrics["telemetry_degraded"] = report.get("degraded")
     return metrics
 
 

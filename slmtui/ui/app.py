@@ -1,9 +1,11 @@
 """The console: pick, launch, watch live, rank. A small App; the views live in ``widgets/``.
 
 The app is given its engine (a Store and a Scheduler, or test doubles with the same methods);
-``slmtui.ui.launch`` builds the real ones. Engine events reach it only as messages posted by the
-``Bridge`` from the scheduler's thread; commands go back as plain method calls (submit, cancel),
-which only queue work. Nothing here waits on a run.
+``slmtui.ui.launch`` builds the real ones: a client of the store's scheduler service, whose runs
+outlive the console (``outlives_console``: quitting asks whether to leave them running). Engine
+events reach it only as messages posted by the ``Bridge`` from the scheduler's (or the client's)
+thread; commands go back as plain method calls (submit, cancel), which only queue work. Nothing
+here waits on a run.
 """
 
 from __future__ import annotations
@@ -125,7 +127,13 @@ class SlmApp(App[int]):
             show=False,
         ),
         Binding("question_mark,f1", "help", "Help", id="app.help", tooltip="Every key"),
-        Binding("q", "quit", "Quit", id="app.quit", tooltip="Stop the runs and quit"),
+        Binding(
+            "q",
+            "quit",
+            "Quit",
+            id="app.quit",
+            tooltip="Quit; with runs live, leave them running or stop them",
+        ),
     ]
 
     def __init__(
@@ -190,16 +198,30 @@ class SlmApp(App[int]):
         self.title = f"slmtui · profile {self.profile.name}"
         self._load_earlier_runs()
         self.scheduler.listener = self.bridge
+        if hasattr(self.scheduler, "on_notice"):
+            self.scheduler.on_notice = self._notice_from_engine
         self.scheduler.start()
+        if getattr(self.scheduler, "attached", False):
+            live = sum(r.status in ("queued", "running") for r in self.board.runs.values())
+            if live:
+                self.notify(
+                    f"attached to the scheduler service: {runs_are(live)} queued or running",
+                    title="Runs",
+                )
         if self.store.recovered:
             n = len(self.store.recovered)
             self.notify(
-                f"{n} run{'s' * (n != 1)} left unfinished by an app that exited "
-                "were marked failed or cancelled.",
+                f"{n} run{'s' * (n != 1)} left unfinished by a scheduler that exited "
+                "(a killed app or service, a reboot) were marked crashed; Launch (R) offers "
+                f"{'it' if n == 1 else 'them'} again.",
                 title="Store",
                 severity="warning",
             )
         self.call_after_refresh(self._painted)
+
+    def _notice_from_engine(self, message: str) -> None:
+        """From the client's thread: the store refused a write, the service went away."""
+        self.call_from_thread(self.notify, message, title="Scheduler", severity="error", timeout=15)
 
     def _painted(self) -> None:
         self.first_paint_s = time.perf_counter() - self.started_at
@@ -516,7 +538,8 @@ class SlmApp(App[int]):
         )
 
     async def action_quit(self) -> None:
-        """Quit; queued and running runs are cancelled first (finished results are stored)."""
+        """Quit. With runs queued or running: leave them running in the scheduler service (the
+        console re-attaches later) or stop them; an in-process scheduler can only stop them."""
         from slmtui.ui.screens.prompt import ChoiceScreen
 
         if self.stopping:
@@ -524,6 +547,24 @@ class SlmApp(App[int]):
         active = [r for r in self.board.runs.values() if r.status in ("queued", "running")]
         if not active:
             self._stop_engine()
+            return
+        if getattr(self.scheduler, "outlives_console", False):
+
+            def answered(answer: str | None) -> None:
+                if answer in ("leave", "stop"):
+                    self._stop_engine(stop_runs=answer == "stop")
+
+            it = "it" if len(active) == 1 else "them"
+            self.push_screen(
+                ChoiceScreen(
+                    "Quit?",
+                    f"{runs_are(len(active))} queued or running. Leave {it} running (`slmtui` "
+                    f"shows {it} again, `slmtui status` too) or stop {it}? "
+                    "Finished results are stored.",
+                    [("leave", "Leave running"), ("stop", "Stop runs"), ("stay", "Stay")],
+                ),
+                answered,
+            )
             return
 
         def chosen(answer: str | None) -> None:
@@ -541,14 +582,21 @@ class SlmApp(App[int]):
             chosen,
         )
 
-    def _stop_engine(self) -> None:
+    def _stop_engine(self, stop_runs: bool = True) -> None:
         self.stopping = True
-        self.notify("stopping workers…", title="Quit")
-        self._stop_then_exit()
+        self.notify("stopping workers…" if stop_runs else "leaving the runs running…", title="Quit")
+        self._stop_then_exit(stop_runs)
 
     @work(thread=True, exclusive=True, group="shutdown")
-    def _stop_then_exit(self) -> None:
-        """Stop every worker (SIGTERM, then SIGKILL after the grace period), then exit."""
+    def _stop_then_exit(self, stop_runs: bool = True) -> None:
+        """Stop every worker (SIGTERM, then SIGKILL after the grace period), or with the service
+        and ``stop_runs`` False only detach from it; then exit."""
+        stop = getattr(self.scheduler, "stop_runs", None)
+        if stop_runs and stop is not None:
+            try:
+                stop()
+            except Exception as exc:  # the service is gone: nothing left to stop
+                self.log.warning(f"stopping the runs: {exc!r}")
         self.scheduler.shutdown()
         self.bridge.close()
         self.call_from_thread(self.exit, 0)

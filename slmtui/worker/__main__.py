@@ -6,7 +6,9 @@ at stderr, so whatever a library prints (even from C) lands in the log, not in t
 
 Exit code 0 after ``RunFinished``, 1 after ``RunFailed``. SIGTERM ends the run at once with
 ``RunFailed(reason="cancelled")``. Under torchrun only rank 0 writes events; the other ranks run
-silently. A broken event pipe (the app is gone) ends the worker on its next event.
+silently. A broken event pipe (the app is gone) ends the worker on its next event, and a worker
+whose parent dies (the scheduler, or torchrun for a rank: ranks run in sessions of their own and
+may never write an event) ends within ``PARENT_CHECK_S``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Sequence
 from types import FrameType
@@ -25,6 +28,7 @@ from slmtui.protocol import Event, RunFailed, RunFinished
 from slmtui.spec import RunSpec
 
 LOG_TAIL_LINES = 30
+PARENT_CHECK_S = 0.5
 
 
 class Cancelled(BaseException):
@@ -54,6 +58,19 @@ class EventWriter:
                 os._exit(1)  # nobody reads the events any more: stop working for no one
 
 
+def exit_with_parent(period_s: float = PARENT_CHECK_S) -> None:
+    """End this process soon after its parent is gone (a daemon thread polls ``getppid``)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(period_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="slmtui-parent-watch", daemon=True).start()
+
+
 def claim_stdout() -> TextIO:
     """A stream on the real stdout for events; fd 1 and ``sys.stdout`` now go to stderr."""
     sys.stdout.flush()
@@ -73,6 +90,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    exit_with_parent()
     events = claim_stdout()
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))

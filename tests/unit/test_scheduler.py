@@ -74,6 +74,35 @@ FAKE_WORKER = textwrap.dedent(
     elif how == "linger":
         emit(RunFinished(run_id, metrics={"accuracy": 0.25}))
         time.sleep(60)
+    elif how == "slow":
+        for i in range(int(spec["options"]["seed"]) or 10):
+            emit(RunProgress(run_id, phase="measuring", done=i, total=10))
+            sample(i)
+            time.sleep(0.1)
+        emit(RunFinished(run_id, metrics={"accuracy": 1.0, "throughput": 50.0,
+                                          "throughput_unit": "tokens/s", "latency_ms": 20.0,
+                                          "peak_mem_mb": 300.0}))
+    elif how == "mute":
+        time.sleep(60)  # a wedged worker: no heartbeat, no result
+    elif how == "malformed":
+        print(json.dumps({"v": 1, "type": "result", "run_id": run_id, "metrics": "oops"}),
+              flush=True)
+        time.sleep(60)
+    elif how == "segv":
+        sample(0)
+        import ctypes
+        ctypes.string_at(0)  # a segfault, as a broken CUDA kernel or extension would
+    elif how == "big":
+        for i in range(10_000):
+            emit(SampleScored(run_id, index=i, item_id=f"i{i}", prompt="x" * 100_000,
+                              output="4", gold="4", score=1.0))
+            time.sleep(0.05)
+    elif how == "oomlate":
+        sample(0)
+        sample(1)
+        emit(RunProgress(run_id, phase="measuring", done=2, total=10))
+        emit(RunFailed(run_id, reason="oom", message="CUDA out of memory at batch 1"))
+        sys.exit(1)
     elif how in ("hang", "family"):
         if how == "family":
             # Like torchrun: one child in our group, one rank in a session of its own; all of
@@ -424,3 +453,82 @@ def test_the_app_stopped_by_a_signal_leaves_no_orphans(tmp_path, fake_worker, ap
     store = Store(db)
     assert [r.status for r in store.runs()] == ["cancelled"]
     store.close()
+
+
+# -- the fault table (docs/reliability.md): one test per row the scheduler handles ------------
+
+
+def test_a_segfaulting_worker_costs_only_its_run(harness) -> None:
+    h = harness()
+    segv, ok = h.scheduler.submit([spec("segv"), spec("ok")])
+    assert h.scheduler.wait(timeout=30)
+    row = h.store.run(segv)
+    assert (row.status, row.error_reason) == ("failed", "crashed")
+    assert row.error_message == "worker was killed by SIGSEGV without a result"
+    assert len(h.store.samples(segv)) == 1
+    assert h.store.run(ok).status == "finished"
+
+
+def test_a_silent_worker_is_stopped_as_hung_after_the_grace(harness) -> None:
+    h = harness(hang_grace_s=1.0)
+    hung, ok = h.scheduler.submit([spec("mute"), spec("ok")])
+    t0 = time.monotonic()
+    assert h.scheduler.wait(timeout=30)
+    took = time.monotonic() - t0
+    row = h.store.run(hung)
+    assert (row.status, row.error_reason) == ("failed", "hung")
+    assert "no event from the worker for 1 s" in row.error_message
+    assert 1.0 <= took < 20
+    assert gone(_worker_pid(h, hung))
+    assert h.store.run(ok).status == "finished"  # the sweep goes on
+
+
+def test_a_malformed_event_fails_its_run_and_the_scheduler_goes_on(harness) -> None:
+    h = harness()
+    bad, ok = h.scheduler.submit([spec("malformed"), spec("ok")])
+    assert h.scheduler.wait(timeout=30)
+    row = h.store.run(bad)
+    assert (row.status, row.error_reason) == ("failed", "crashed")
+    assert "malformed event" in row.error_message
+    assert "metrics must be an object" in row.error_message
+    log = Path(h.scheduler.state(bad).log_path).read_text()
+    assert "[malformed event]" in log and '"metrics": "oops"' in log
+    assert h.store.run(ok).status == "finished"
+
+
+def test_an_oom_mid_run_keeps_its_samples_and_says_how_far_it_got(harness) -> None:
+    h = harness()
+    (run_id,) = h.scheduler.submit([spec("oomlate")])
+    assert h.scheduler.wait(timeout=30)
+    row = h.store.run(run_id)
+    assert (row.status, row.error_reason) == ("failed", "oom")
+    assert row.error_message == (
+        "CUDA out of memory at batch 1 (reached 2 of 10 samples, which are stored)"
+    )
+    assert len(h.store.samples(run_id)) == 2
+
+
+def test_a_full_disk_stops_the_runs_with_one_line_and_loses_nothing_stored(
+    harness, tmp_path: Path
+) -> None:
+    h = harness()
+    (first,) = h.scheduler.submit([spec("ok")])
+    assert h.scheduler.wait(timeout=30)
+    big, queued = h.scheduler.submit([spec("big"), spec("ok")])
+    h.wait_for(lambda: "sample" in h.types(big), timeout=30)
+    # The disk fills up: SQLite may not grow the file by one more page.
+    pages = h.store._conn.execute("PRAGMA page_count").fetchone()[0]
+    h.store._conn.execute(f"PRAGMA max_page_count = {pages}")
+    h.wait_for(lambda: h.scheduler.store_error is not None, timeout=30)
+    assert h.scheduler.wait(timeout=30)
+    error = h.scheduler.store_error
+    assert "\n" not in error and "cannot write" in error and "full" in error
+    assert h.scheduler.state(big).status == "cancelled"
+    assert h.scheduler.state(queued).status == "cancelled"
+    assert "started" not in h.types(queued)
+    with pytest.raises(UserError, match="cannot write"):
+        h.scheduler.submit([spec("ok")])
+    with Store(tmp_path / "r.sqlite") as again:  # what was stored before is all there
+        assert again.run(first).status == "finished"
+        assert len(again.samples(first)) == 2
+        assert again.samples(big)  # and the samples that made it before the disk filled up

@@ -226,7 +226,7 @@ def test_runs_left_behind_by_a_killed_app_are_recovered_on_open(tmp_path: Path) 
     assert (crashed.status, crashed.error_reason, crashed.error_message) == (
         "failed",
         "crashed",
-        "app exited during the run",
+        "its scheduler (app or service) exited during the run",
     )
     assert reopened.run("queued").status == "cancelled"
     assert reopened.run("done").status == "finished"
@@ -290,3 +290,10 @@ def test_sigkilled_writer_loses_no_committed_finished_run(tmp_path: Path) -> Non
     assert len(store.samples("busy")) > 20  # every committed sample survived the kill
     assert [r.run_id for r in store.results()] == ["done"]
     store.close()
+
+
+def test_a_store_where_nothing_can_be_written_is_one_line() -> None:
+    # /proc refuses new files even to root (tests run as root, which ignores file modes).
+    with pytest.raises(UserError, match="cannot open it for writing") as caught:
+        Store("/proc/slmtui-results.sqlite")
+    assert "\n" not in str(caught.value) and "give a writable path" in str(caught.value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from types import ModuleType, SimpleNamespace
@@ -62,6 +63,10 @@ class FakeNvml:
         self.fail_from: float | None = None
         """time.monotonic() after which every call raises (a GPU falling off the bus)."""
         self.calls = 0
+        self.hang_from: float | None = None
+        """time.monotonic() after which every call blocks until ``answer`` is set (a driver that
+        stopped answering)."""
+        self.answer = threading.Event()
 
     def module(self) -> ModuleType:
         mod = ModuleType("pynvml")
@@ -73,6 +78,8 @@ class FakeNvml:
 
     def _tick(self) -> None:
         self.calls += 1
+        if self.hang_from is not None and time.monotonic() >= self.hang_from:
+            self.answer.wait(60)
         if self.fail_from is not None and time.monotonic() >= self.fail_from:
             raise FakeNVMLError(15)  # GPU is lost
 
@@ -379,6 +386,41 @@ def test_an_nvml_error_mid_run_degrades_the_telemetry_never_the_run(fake: FakeNv
     assert report["peak_mem_mb"] == 1000.0  # what was measured before the failure is kept
     assert report["mem_source"] == "nvml_process" and live["degraded"] is not None
     assert report["series"]["rss_mb"][-1] is not None  # RSS sampling went on
+    lifted = metrics_from_report(report, window="steady", n_samples=4)
+    assert "in a row" in lifted["telemetry_degraded"]  # the result says so too
+
+
+def test_nvml_that_stops_answering_holds_the_run_up_at_most_the_stall_grace(
+    fake: FakeNvml,
+) -> None:
+    fake.energy_mj = [[0, 1000], [0, 1000]]
+    fake.procs = [[(ME, 1000 * MIB)], []]
+    sampler = TelemetrySampler([0, 1], ME, period_s=0.01, stall_s=0.5)
+    sampler.start()
+    sampler.begin_window("steady")
+    time.sleep(0.05)
+    fake.hang_from = time.monotonic()  # every NVML call from now on blocks
+    try:
+        calls = fake.calls
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and fake.calls == calls:
+            time.sleep(0.01)  # the sampler thread's next call: it blocks, holding its lock
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        live = sampler.snapshot()  # the heartbeat's call
+        assert time.monotonic() - t0 < 5
+        assert "NVML stopped answering" in live["degraded"]
+        assert sampler.snapshot()["degraded"] == live["degraded"]  # and now at once
+        window = sampler.end_window("steady")
+        report = sampler.stop()
+        assert time.monotonic() - t0 < 10  # the run went on: a few stall graces at most
+    finally:
+        fake.answer.set()
+    assert window["energy_j"] is None and "stopped answering" in window["flagged"]
+    assert "NVML stopped answering" in report["degraded"]
+    assert report["peak_mem_mb"] == 1000.0  # what was measured before is kept
+    lifted = metrics_from_report(report, window="steady", n_samples=4)
+    assert "stopped answering" in lifted["telemetry_degraded"]
 
 
 def test_nvml_that_fails_at_init_leaves_gpu_none(fake: FakeNvml) -> None:

@@ -79,4 +79,6 @@ class RunPanel(Static):
             gpu.append(f"  power {num(telemetry.get('power_w'), 0, 'W')} ", style="bold")
             gpu.append(spark(run.power_w), style="red")
             lines.append(gpu)
+        if degraded := telemetry.get("degraded"):
+            lines.append(Text(f"telemetry degraded: {degraded}", style="yellow"))
         return Group(*lines)  # type: ignore[arg-type]
