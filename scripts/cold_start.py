@@ -3,7 +3,8 @@
     python scripts/cold_start.py [--db PATH] [--profile PATH] [--runs N] [--json]
 
 Each run is a fresh interpreter (``--child`` below) that builds the engine the way ``slmtui``
-does (profile, GPU detection, store, scheduler), runs the app headless, and exits as soon as the
+does (profile, GPU detection, store, a client of the store's scheduler service), runs the app
+headless, and exits as soon as the
 first screen is painted. The time counts from the process's creation (psutil), so interpreter
 start and every import are inside it. ``heavy_modules`` lists torch / transformers / accelerate
 if the UI process ever loaded them (it must not: tests/test_ui_boundary.py checks it).
@@ -31,7 +32,8 @@ def child(db: str, profile: str | None) -> None:
     steps: dict[str, float] = {}
     t = time.perf_counter()
     from slmtui.profile import embedded_default, load_profile
-    from slmtui.scheduler import Scheduler, detect_gpus
+    from slmtui.scheduler import detect_gpus
+    from slmtui.scheduler.client import ServiceClient
     from slmtui.store import Store
 
     steps["import_engine_s"] = time.perf_counter() - t
@@ -48,8 +50,9 @@ def child(db: str, profile: str | None) -> None:
 
     t = time.perf_counter()
     gpus = detect_gpus()
-    store = Store(db)
-    scheduler = Scheduler(store, inventory=gpus, handle_signals=False)
+    store = Store(db, keep_queued=True)
+    scheduler = ServiceClient(db)  # as the console: a client of the store's scheduler service
+    scheduler.start()
     loaded = load_profile(profile) if profile else embedded_default()
     steps["engine_s"] = time.perf_counter() - t
     app = FirstPaint(store=store, scheduler=scheduler, profile=loaded, gpus=gpus)
