@@ -64,6 +64,10 @@ class LiveRun:
 
     @property
     def done(self) -> int:
+        """Samples answered: the result's count once finished (a console that attached
+        mid-run saw only the later sample events), else the most any event has said."""
+        if self.status == "finished" and self.metrics and self.metrics.get("n_samples"):
+            return int(self.metrics["n_samples"])
         return max(self.progress.done if self.progress else 0, self.samples_done)
 
     @property

@@ -1,4 +1,4 @@
-"""A run whose fast engine gave way to plain says so in the Runs list and in Inspect."""
+"""What the Runs list and Inspect say about a finished run: the engine that ran, every sample."""
 
 from __future__ import annotations
 
@@ -42,3 +42,13 @@ def test_inspect_shows_the_engine_asked_for_and_why_it_did_not_run(tmp_path: Pat
     console.print(InspectScreen(row, []).summary())
     text = console.export_text()
     assert f"plain (asked: fast) — {FALLBACK}" in text
+
+
+def test_a_finished_run_counts_every_sample_even_when_the_console_attached_late() -> None:
+    """A console that re-attaches mid-run saw only the later sample events."""
+    from slmtui.protocol import RunProgress
+
+    run = LiveRun("r", spec("alpha-135m"), status="finished", metrics=metrics(0.5, 1, 1, 1))
+    run.progress = RunProgress("r", phase="measuring", done=2, total=4)
+    run.samples_done = 2
+    assert RunsView.row_cells(run)[3] == "4/4"  # the result's n_samples (4), not the 2 seen
