@@ -459,10 +459,7 @@ def _parse_models(check: _Checker, value: Any, settings: Settings) -> tuple[Mode
         quantize = _first(entry.quantize, settings.quantize)
         label = model_label(name, quantize)
         if label in seen:
-            also = "" if quantize != "none" else " (a second quantize setting may reuse it)"
-            raise check.fail(
-                where, f"name '{name}' is already used by [[models]] #{seen[label]}{also}"
-            )
+            raise check.fail(where, f"name '{name}' is already used by [[models]] #{seen[label]}")
         seen[label] = index
         problem = quantize_problem(entry, settings, where)
         if problem is not None:
