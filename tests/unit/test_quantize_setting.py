@@ -223,3 +223,23 @@ def test_saving_keeps_the_setting(tmp_path: Path) -> None:
     )  # fmt: skip
     assert "quantize" not in (tmp_path / "plain.toml").read_text(encoding="utf-8")
     assert full_precision.settings.quantize == "none"
+
+
+def test_checking_a_quantised_profile_imports_neither_torch_nor_torchao() -> None:
+    """The console loads profiles: the check reads torchao's version from its metadata only."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from slmtui.profile import parse_profile\n"
+        'text = \'[[models]]\\nsource = "org/m"\\nquantize = "int8"\\n[tasks.gsm8k]\\n\'\n'
+        "try:\n"
+        "    parse_profile(text, label='p')\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, file=sys.stderr)\n"
+        "print(sorted(m for m in ('torch', 'torchao', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert out.strip() == "[]"
