@@ -1,0 +1,83 @@
+"""The quantize setting in the console: the Selection's rule and the Pick table's key (z)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from textual.widgets import DataTable
+from ui_fixtures import PROFILE_TOML, ScriptedScheduler, make_app
+
+from slmtui import quantization
+from slmtui.errors import UserError
+from slmtui.profile import parse_profile
+from slmtui.store import Store
+from slmtui.ui.selection import Selection
+
+
+@pytest.fixture(autouse=True)
+def torchao(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quantization, "torchao_version", lambda: "0.18.0")
+
+
+def selection(gpus_available: int = 1) -> Selection:
+    profile = parse_profile(PROFILE_TOML, label="fixture.toml")
+    return Selection.from_profile(profile, gpus_available=gpus_available)
+
+
+def test_cycling_goes_none_int8_int4_and_reaches_the_runs() -> None:
+    chosen = selection()
+    chosen.cycle_gpus(0)  # alpha: CPU -> 1 GPU (int4 needs one)
+    assert [chosen.cycle_quantize(0) for _ in range(3)] == ["int8", "int4", "none"]
+    chosen.cycle_quantize(0)
+    specs = chosen.specs()
+    assert {(s.model_label, s.quantize) for s in specs} == {
+        ("alpha-135m · int8", "int8"),
+        ("beta-270m", "none"),
+    }
+    saved = chosen.to_profile()
+    assert [m.quantize for m in saved.models] == ["int8", None]  # beta keeps [settings]'
+
+
+def test_cycling_skips_a_variant_another_row_already_is() -> None:
+    chosen = selection()
+    twin = replace(chosen.models[0], entry=chosen.models[0].entry, quantize="int8")
+    chosen.models.append(twin)  # alpha listed twice: none and int8
+    assert chosen.cycle_quantize(0) == "int4"  # int8 is the other row
+    assert [m.label for m in chosen.models[::2]] == ["alpha-135m · int4", "alpha-135m · int8"]
+
+
+def test_a_setting_the_box_cannot_run_is_a_one_line_error_in_the_plan() -> None:
+    chosen = selection(gpus_available=0)
+    chosen.cycle_quantize(0)
+    chosen.cycle_quantize(0)  # int4 on the CPU
+    with pytest.raises(UserError, match=r'#1 quantize "int4": .* no int4 weight-only kernel'):
+        chosen.specs()
+
+
+def test_a_model_added_twice_is_refused_only_as_the_same_variant() -> None:
+    chosen = selection()
+    chosen.cycle_quantize(0)  # alpha is int8 now: a full-precision alpha may join
+    chosen.add_model("org/alpha-135m", name="alpha-135m")
+    with pytest.raises(UserError, match="already in the list"):
+        chosen.add_model("org/alpha-135m", name="alpha-135m")
+
+
+@pytest.mark.anyio
+async def test_z_in_the_models_table_cycles_the_setting(store: Store, tmp_path: Path) -> None:
+    scheduler = ScriptedScheduler(store)
+    app = make_app(store, scheduler, tmp_path=tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause(0.1)
+        await pilot.pause()
+        await pilot.press("z")
+        table = app.query_one("#models", DataTable)
+        dtypes = [str(getattr(c, "plain", c)) for c in table.get_column("dtype")]
+        assert dtypes == ["auto · int8", "auto"]
+        await pilot.press("R")
+        await pilot.pause(0.2)
+    assert {(s.model.name, s.quantize) for s in scheduler.submitted} == {
+        ("alpha-135m", "int8"),
+        ("beta-270m", "none"),
+    }
