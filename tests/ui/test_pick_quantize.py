@@ -1,4 +1,5 @@
-"""The quantize setting in the console: the Selection's rule and the Pick table's key (z)."""
+"""The quantize setting in the console: the Selection's rule, the Pick table's key (z), and
+Rank's accuracy change against full precision."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ from pathlib import Path
 
 import pytest
 from textual.widgets import DataTable
-from ui_fixtures import PROFILE_TOML, ScriptedScheduler, make_app
+from ui_fixtures import PROFILE_TOML, T0, ScriptedScheduler, make_app, metrics, spec
 
 from slmtui import quantization
 from slmtui.errors import UserError
 from slmtui.profile import parse_profile
+from slmtui.protocol import RunFinished, RunStarted
 from slmtui.store import Store
 from slmtui.ui.selection import Selection
+from slmtui.ui.widgets.rank_view import RankView
 
 
 @pytest.fixture(autouse=True)
@@ -81,3 +84,34 @@ async def test_z_in_the_models_table_cycles_the_setting(store: Store, tmp_path: 
         ("alpha-135m", "int8"),
         ("beta-270m", "none"),
     }
+
+
+@pytest.mark.anyio
+async def test_rank_shows_the_accuracy_change_against_full_precision(
+    store: Store, tmp_path: Path
+) -> None:
+    full = spec("alpha-135m")
+    rows = [
+        (full, metrics(0.60, 100, 10, 1000)),
+        (replace(full, quantize="int4"), metrics(0.55, 180, 6, 400)),
+        (spec("beta-270m"), metrics(0.70, 80, 12, 1500)),
+    ]
+    for n, (run_spec, m) in enumerate(rows):
+        run_id = f"run-{n}"
+        store.record(RunStarted(run_id, spec=run_spec.to_dict(), pid=1, t=T0 + n))
+        store.record(RunFinished(run_id, metrics=m, t=T0 + n + 10))
+    app = make_app(store, tmp_path=tmp_path)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await pilot.pause(0.1)
+        await pilot.pause()
+        await pilot.press("3", "v")  # overview -> gsm8k
+        rank = app.query_one(RankView)
+        assert rank.view == "gsm8k"
+        table = app.query_one("#rank-table", DataTable)
+        models = [str(getattr(c, "plain", c)) for c in table.get_column("model")]
+        change = [str(getattr(c, "plain", c)).strip() for c in table.get_column("acc_change")]
+        assert dict(zip(models, change, strict=True)) == {
+            "alpha-135m": "–",
+            "alpha-135m · int4": "-0.050",
+            "beta-270m": "–",
+        }

@@ -99,6 +99,8 @@ class RankView(Vertical):
         self.results: list[ResultRow] = []
         self.per_rows: list[PerRow] = []
         self.notes: list[str] = []
+        self.accuracy_change: dict[str, float] = {}
+        """Quantised run id -> accuracy change against its full-precision run."""
         self.view = OVERVIEW
         self.filter_text = ""
         self.sort_by: dict[str, tuple[str, bool]] = {}
@@ -148,6 +150,7 @@ class RankView(Vertical):
     def _recompute(self) -> None:
         built = build_per_inputs(self._in_view())
         self.notes = built.notes
+        self.accuracy_change = built.accuracy_change
         try:
             self.per_rows = compute_per(built.inputs)
         except UserError as exc:
@@ -248,11 +251,15 @@ class RankView(Vertical):
                     "lat_n": r.lat_n,
                     "mem_n": r.mem_n,
                     "pareto": r.pareto,
+                    "acc_change": self.accuracy_change.get(r.input.key or ""),
                 },
             )
             for n, r in enumerate(rows)
         ]
-        return task_columns(unit), lines
+        columns = task_columns(unit)
+        if any(line.values["acc_change"] is not None for line in lines):
+            columns.insert(4, Column("acc_change", "ΔAcc vs full"))
+        return columns, lines
 
     def _best_values(self) -> dict[str, Any]:
         best: dict[str, Any] = {}
