@@ -19,8 +19,10 @@ int4     ``Int4WeightOnlyConfig(group_size=128,                 GPU only, bfloat
 =======  ====================================================  =========================
 
 torchao's default int4 format ("plain") needs the separate ``mslk`` kernel package; the
-tile-packed format needs nothing beyond torch. A tied output embedding (the input embedding's
-matrix) is left in full precision: quantising it would add a second copy, not save one.
+tile-packed format needs nothing beyond torch and a GPU of compute capability 8.0 or newer, and
+pads every weight's input width to a multiple of 1024 (stored bytes count the padding). A tied
+output embedding (the input embedding's matrix) is left in full precision: quantising it would
+add a second copy, not save one.
 """
 
 from __future__ import annotations

@@ -243,3 +243,18 @@ def test_checking_a_quantised_profile_imports_neither_torch_nor_torchao() -> Non
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_the_shipped_quant_profile_lists_three_variants_of_two_models() -> None:
+    profile = load_profile(Path(__file__).resolve().parents[2] / "profiles" / "quant.toml")
+    specs = profile.runs()
+    assert len(specs) == 6 * 5
+    assert sorted({s.model_label for s in specs}) == [
+        "Gemma-3-270M",
+        "Gemma-3-270M · int4",
+        "Gemma-3-270M · int8",
+        "SmolLM2-135M-Instruct",
+        "SmolLM2-135M-Instruct · int4",
+        "SmolLM2-135M-Instruct · int8",
+    ]
+    assert len({s.run_key for s in specs}) == len(specs)
