@@ -115,3 +115,12 @@ async def test_rank_shows_the_accuracy_change_against_full_precision(
             "alpha-135m · int4": "-0.050",
             "beta-270m": "–",
         }
+
+
+def test_inspect_names_the_scheme_and_the_weight_bytes() -> None:
+    from slmtui.ui.screens.inspect import _quantize_line
+
+    metrics = {"quantize_scheme": "torchao int8 weight-only, per output channel"}
+    line = _quantize_line("int8", {**metrics, "weight_bytes": 3 * 2**30})
+    assert line == "int8: torchao int8 weight-only, per output channel; 3,072 MiB of weights"
+    assert _quantize_line("int4", {}) == "int4: not recorded"
