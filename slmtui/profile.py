@@ -102,6 +102,7 @@ class ModelEntry:
     parallel: str | None = None
     timeout_s: float | None = None
     quantize: str | None = None
+    """none, int8 or int4; the same name may appear once per setting (two variants)."""
 
 
 @dataclass(frozen=True)
@@ -434,8 +435,7 @@ def _parse_models(check: _Checker, value: Any, settings: Settings) -> tuple[Mode
     if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
         raise check.fail("", f"models must be [[models]] tables, got {_show(value)}")
     entries: list[ModelEntry] = []
-    seen: dict[str, int] = {}
-    """Model labels ('name' or 'name · int4') so far -> the table that used it."""
+    seen: dict[str, int] = {}  # model label ('name' or 'name · int4') -> the table using it
     for index, table in enumerate(value, start=1):
         where = f"[[models]] #{index}"
         check.keys(table, _MODEL_KEYS, where)
