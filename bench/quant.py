@@ -1,11 +1,15 @@
-"""Quantised variants beside full precision: bf16 vs int8 vs int4 weight-only, one GPU, one call.
+"""Quantised variants beside full precision: bf16 vs int8 vs int4 weight-only, one GPU.
 
-On the H200 (torch 2.11; torchao 0.18.0 installed from its wheel, ``--no-deps``)::
+On the H200 (torch 2.11; torchao 0.18.0 from its wheel: ``pip download torchao==0.18.0 --no-deps
+-d .whl`` here, then carry ``.whl``; it is py3-abi3 manylinux x86_64, so Python 3.12 takes it).
+Two calls of under ten minutes each (torchao goes to a folder of its own, on PYTHONPATH)::
 
-    pip install --no-deps torchao-0.18.0-cp310-abi3-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl
-    PYTHONUNBUFFERED=1 python bench/quant.py --out $OUT/quant.json          # every row, ~10 min
+    python -m pip install -q --no-deps --target /tmp/tao .whl/torchao-0.18.0-*.whl && \
+        PYTHONPATH=/tmp/tao PYTHONUNBUFFERED=1 python bench/quant.py --rows 7b-b1,05b-b64 \
+        --out $OUT/quant-1.json
+    (the same with --rows 05b-b1,7b-b64 --out $OUT/quant-2.json)
 
-    python bench/quant.py --smoke                                           # 2-layer, CPU too
+    python bench/quant.py --smoke        # 2-layer models: a dry run, on a CPU too (~1 min)
 
 Models are random-initialised from the real Qwen2.5-7B and Qwen2.5-0.5B configs (no hub; the
 same builder as ``bench/engine.py``), in bfloat16, then quantised in place by the worker's own
