@@ -5,11 +5,18 @@ On the H200 (torch 2.11; torchao 0.18.0 from its wheel: ``pip download torchao==
 Two calls of under ten minutes each (torchao goes to a folder of its own, on PYTHONPATH)::
 
     python -m pip install -q --no-deps --target /tmp/tao .whl/torchao-0.18.0-*.whl && \
-        PYTHONPATH=/tmp/tao PYTHONUNBUFFERED=1 python bench/quant.py --rows 7b-b1,05b-b64 \
-        --out $OUT/quant-1.json
+        PYTHONPATH=/tmp/tao:.whl/gemlite-0.6.0.post2 PYTHONUNBUFFERED=1 \
+        python bench/quant.py --rows 7b-b1,05b-b64 --out $OUT/quant-1.json
     (the same with --rows 05b-b1,7b-b64 --out $OUT/quant-2.json)
 
     python bench/quant.py --smoke        # 2-layer models: a dry run, on a CPU too (~1 min)
+
+``int8-gemlite`` (a variant, not a slmtui setting) runs gemlite 0.6's A16W8 Triton kernels
+(mobiusml/gemlite, a maintained weight-only library with its own GEMV kernels) in place of
+torchao's int8, to learn whether another library's int8 is faster than torchao's eager one. It
+is added to the default variants when gemlite imports: gemlite is pure Python on triton >= 3.6
+(``pip download gemlite==0.6.0.post2 --no-deps``, unpack the sdist into ``.whl/`` and add
+``.whl/gemlite-0.6.0.post2`` to PYTHONPATH). Untested here (no GPU): its failure costs its entry.
 
 Models are random-initialised from the real Qwen2.5-7B and Qwen2.5-0.5B configs (no hub; the
 same builder as ``bench/engine.py``), in bfloat16, then quantised in place by the worker's own
@@ -47,6 +54,7 @@ import platform
 import sys
 import time
 from datetime import UTC, datetime
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +83,7 @@ from slmtui.quantization import torchao_version
 from slmtui.tasks.base import GenerateRequest
 from slmtui.worker.engines.fast import FastEngine
 from slmtui.worker.engines.plain import PlainEngine
-from slmtui.worker.quantize import quantize_model
+from slmtui.worker.quantize import quantize_model, tensor_bytes
 
 ROWS: dict[str, tuple[str, dict[str, Any], int]] = {
     "7b-b1": ("Qwen2.5-7B", QWEN25_7B, 1),
@@ -96,6 +104,26 @@ FIDELITY_PROMPTS = 4
 FIDELITY_TOKENS = 32
 
 
+def gemlite_int8(model: Any) -> dict[str, Any]:
+    """Every linear layer (a tied lm_head excepted) replaced by gemlite's A16W8 layer."""
+    from gemlite.helper import A16W8, patch_model
+
+    started = time.perf_counter()
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    device = next(model.parameters()).device
+    patch_model(model, device, A16W8(device=str(device)), skip_modules=["lm_head"] if tied else [])
+    seen: set[int] = set()
+    stored = sum(
+        tensor_bytes(t, seen) for t in (*model.parameters(), *model.buffers()) if t is not None
+    )
+    return {
+        "weight_bytes": stored,
+        "bytes_counted": "parameters and buffers (gemlite packs weights into buffers)",
+        "quantize_scheme": "gemlite A16W8 int8 weight-only, per output channel",
+        "quantize_s": time.perf_counter() - started,
+    }
+
+
 def run_variant(
     config: dict[str, Any],
     layers: int | None,
@@ -111,12 +139,13 @@ def run_variant(
     reset_memory()
     model = build_model(config, layers)
     try:
-        info = quantize_model(model, quantize)
+        info = gemlite_int8(model) if variant == "int8-gemlite" else quantize_model(model, quantize)
         out: dict[str, Any] = {
             "weight_bytes": info["weight_bytes"],
             "quantize_scheme": info.get("quantize_scheme"),
             "quantize_s": info.get("quantize_s", 0.0),
             "quantized_layers": info.get("quantized_layers", 0),
+            **({"bytes_counted": info["bytes_counted"]} if "bytes_counted" in info else {}),
         }
         if sequences == 1 and not compile_step:
             out.update(fidelity(model, reference, quantize))
@@ -240,7 +269,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write every number as JSON here")
     parser.add_argument("--smoke", action="store_true", help="2-layer models, small counts")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows")
-    parser.add_argument("--variants", default="bf16,int8,int4", help="comma-separated")
+    parser.add_argument(
+        "--variants",
+        default="bf16,int8,int4" + (",int8-gemlite" if find_spec("gemlite") else ""),
+        help="comma-separated: bf16, int8, int4, int8-gemlite",
+    )
     parser.add_argument(
         "--compile-rows",
         default="7b-b1",
