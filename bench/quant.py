@@ -31,9 +31,9 @@ Rows (``--rows``; each runs every variant of ``--variants`` on a freshly built m
   05b-b1     Qwen2.5-0.5B, one sequence
   7b-b64     Qwen2.5-7B, 64 sequences
 Each variant runs the fast engine (static cache, decode step captured in CUDA graphs; eager on
-a CPU) and, in the rows of ``--compile-rows``, the fast engine with the decode step compiled
-(``<variant>+compile``: torch.compile fuses the int8 dequantisation into the matmul, which eager
-torchao int8 does not). One variant failing (a kernel this device lacks, an OOM) costs only its
+a CPU) and, in the rows of ``--compile-rows``, ``--compile-variants`` with the decode step
+compiled (``<variant>+compile``: torch.compile fuses the int8 dequantisation into the matmul,
+which eager torchao int8 does not; torchao's configs also set inductor options for the process). One variant failing (a kernel this device lacks, an OOM) costs only its
 own entry: the error is recorded and the bench goes on.
 
 Per entry: ``tokens_per_s`` (best of ``--repeats`` timed runs, after the engine's warm-up),
@@ -277,7 +277,13 @@ def main() -> None:
     parser.add_argument(
         "--compile-rows",
         default="7b-b1",
-        help="rows that also run every variant with the decode step compiled ('' for none)",
+        help="rows that also run --compile-variants with the decode step compiled ('' for none)",
+    )
+    parser.add_argument(
+        "--compile-variants",
+        default="bf16,int8",
+        help="variants run compiled in --compile-rows (torchao's eager int8 dequantises the whole "
+        "matrix per call; compiled, inductor fuses it)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per entry (best)")
     args = parser.parse_args()
@@ -323,7 +329,8 @@ def main() -> None:
         reference: dict[str, Any] = {}
         compiled = [False, True] if name in compile_rows else [False]
         for compile_step in compiled:
-            for variant in args.variants.split(","):
+            variants = args.compile_variants if compile_step else args.variants
+            for variant in variants.split(","):
                 key = variant + ("+compile" if compile_step else "")
                 try:
                     entry = run_variant(
