@@ -33,8 +33,9 @@ Rows (``--rows``; each runs every variant of ``--variants`` on a freshly built m
 Each variant runs the fast engine (static cache, decode step captured in CUDA graphs; eager on
 a CPU) and, in the rows of ``--compile-rows``, ``--compile-variants`` with the decode step
 compiled (``<variant>+compile``: torch.compile fuses the int8 dequantisation into the matmul,
-which eager torchao int8 does not; torchao's configs also set inductor options for the process). One variant failing (a kernel this device lacks, an OOM) costs only its
-own entry: the error is recorded and the bench goes on.
+which eager torchao int8 does not; torchao's configs also set inductor options for the
+process). One variant failing (a kernel this device lacks, an OOM) costs only its own entry:
+the error is recorded and the bench goes on.
 
 Per entry: ``tokens_per_s`` (best of ``--repeats`` timed runs, after the engine's warm-up),
 ``x_bf16`` (over the row's bf16 entry), ``weight_bytes`` (as stored: torchao's int data, scales
