@@ -327,7 +327,7 @@ def accuracy_changes(rows: Iterable[ResultRow]) -> dict[str, float]:
     only in ``quantize``: the same run key with quantize "none"); the newest twin counts."""
     rows = list(rows)
     full = {
-        r.run_key: r
+        r.spec.run_key: r  # recomputed, like the twin's: keys stored by older versions may differ
         for r in sorted(rows, key=lambda r: r.finished_at)
         if r.spec.quantize == "none" and r.accuracy is not None
     }
