@@ -159,7 +159,7 @@ def _gguf_file_type(ref: ModelRef) -> str | None:
         if ref.kind == "pypi":
             from slmtui.catalog import offline_model_path
 
-            path = Path(offline_model_path(ref.source))
+            path = Path(offline_model_path(ref.source, install=False))
         else:
             path = Path(ref.source)
         return gguf_file_type(path)
