@@ -258,3 +258,22 @@ def test_the_shipped_quant_profile_lists_three_variants_of_two_models() -> None:
         "SmolLM2-135M-Instruct · int8",
     ]
     assert len({s.run_key for s in specs}) == len(specs)
+
+
+def test_the_cli_refuses_a_quantised_profile_in_one_line_with_exit_code_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib
+
+    from slmtui.cli import main
+
+    sys.modules.pop("slmtui.catalog")  # the real one (the CLI uses more of it); restored after
+    importlib.import_module("slmtui.catalog")
+    path = tmp_path / "q.toml"
+    path.write_text(profile_text("", 'quantize = "int4"\ngpus = [0]'), encoding="utf-8")
+    db = tmp_path / "results.sqlite"
+    assert main(["--db", str(db), "run", str(path), "--headless"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert 'q.toml: [[models]] #1 quantize "int4": torchao 0.18.0 has no int4' in err
+    assert not db.exists()  # nothing written
