@@ -87,6 +87,8 @@ def quantize_model(model: Any, quantize: str) -> dict[str, Any]:
         raise QuantizeError(f"quantize '{quantize}': the model has no linear layer to quantise")
     try:
         quantize_(model, _config(quantize), filter_fn=wanted)
+    except torch.OutOfMemoryError:
+        raise  # the run's own failure class ("oom"), not a refusal
     except (RuntimeError, AssertionError, ValueError, ImportError, NotImplementedError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         device = next(model.parameters()).device
