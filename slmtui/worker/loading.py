@@ -129,6 +129,9 @@ def load_model(
     first = next(model.parameters()).device  # layer-sharded: where the inputs go
     metrics = _quantized(ref, model, quantize)
     metrics["weights"] = describe_weights(ref, torch_dtype, metrics.get("quantize_scheme"))
+    if gpus > 1 or (ctx is not None and ctx.is_distributed):
+        # a tp shard or one replica's share: what this process holds, not the model's size
+        metrics["weight_bytes_this_process"] = metrics.pop("weight_bytes")
     return LoadedModel(model, tokenizer, first, torch_dtype, path, notes, metrics)
 
 
