@@ -6,10 +6,13 @@ The forward is unchanged Python: the fast engine's static cache and CUDA-graph d
 it as on full precision (the quantised matmuls are ordinary kernels, nothing syncs the host).
 
 Left in full precision: the embeddings, norms and a tied output embedding (quantising it would
-add a second copy of the matrix, not save one). torchao's int4 tile-packed format pads each
-weight's input width to a multiple of 1024 (and the activations with it): a 576-wide model stores
-its int4 layers 1.8x larger than their shape, which ``weight_bytes`` counts as stored.
-torchao is imported here only, lazily.
+add a second copy of the matrix, not save one). int4 groups 128 input features per scale; a layer
+whose input width is not a multiple of 128 (SmolLM2-135M's 576) takes group 64 or
+32 instead (torchao would otherwise skip it silently), and the scheme says so. torchao's int4
+tile-packed format pads each weight's input width to a multiple of 1024 (and the activations with
+it): a 576-wide layer is stored 1.8x larger than its shape, which ``weight_bytes`` counts.
+Layers are counted after quantising: what torchao left in full precision is listed, never
+claimed. torchao is imported here only, lazily.
 """
 
 from __future__ import annotations
@@ -48,16 +51,31 @@ def weight_bytes(model: Any) -> int:
     return sum(tensor_bytes(p.data if hasattr(p, "data") else p, seen) for p in model.parameters())
 
 
-def _config(quantize: str) -> Any:
+INT4_GROUPS = (INT4_GROUP_SIZE, 64, 32)
+"""Group sizes int4 tries, largest first, for a layer's input width (tinygemm takes these)."""
+
+
+def int4_group(in_features: int) -> int | None:
+    """The group size an int4 layer of this input width gets (None: no group divides it)."""
+    return next((g for g in INT4_GROUPS if in_features % g == 0), None)
+
+
+def _configs(quantize: str) -> dict[int | None, Any]:
+    """The torchao config per int4 group size (``None``: int8, one config for every layer)."""
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
     if quantize == "int8":
-        return Int8WeightOnlyConfig()
+        return {None: Int8WeightOnlyConfig()}
     if quantize == "int4":
-        return Int4WeightOnlyConfig(
-            group_size=INT4_GROUP_SIZE, int4_packing_format="tile_packed_to_4d"
-        )
+        return {
+            g: Int4WeightOnlyConfig(group_size=g, int4_packing_format="tile_packed_to_4d")
+            for g in INT4_GROUPS
+        }
     raise QuantizeError(f"quantize '{quantize}': allowed none, int8, int4")
+
+
+def _is_quantized(module: torch.nn.Module) -> bool:
+    return type(module.weight) not in (torch.Tensor, torch.nn.Parameter)
 
 
 def quantize_model(model: Any, quantize: str) -> dict[str, Any]:
@@ -82,11 +100,19 @@ def quantize_model(model: Any, quantize: str) -> dict[str, Any]:
             tied is not None and module.weight is tied
         )
 
-    chosen = [name for name, module in model.named_modules() if wanted(module, name)]
+    chosen = {name: module for name, module in model.named_modules() if wanted(module, name)}
     if not chosen:
         raise QuantizeError(f"quantize '{quantize}': the model has no linear layer to quantise")
     try:
-        quantize_(model, _config(quantize), filter_fn=wanted)
+        for group, config in _configs(quantize).items():
+
+            def in_group(module: torch.nn.Module, name: str, group: int | None = group) -> bool:
+                return wanted(module, name) and (
+                    group is None or int4_group(module.in_features) == group
+                )
+
+            if any(in_group(m, n) for n, m in chosen.items()):
+                quantize_(model, config, filter_fn=in_group)
     except torch.OutOfMemoryError:
         raise  # the run's own failure class ("oom"), not a refusal
     except (RuntimeError, AssertionError, ValueError, ImportError, NotImplementedError) as exc:
@@ -98,12 +124,30 @@ def quantize_model(model: Any, quantize: str) -> dict[str, Any]:
     if next(model.parameters()).device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the full-precision weights just replaced
+    modules = dict(model.named_modules())  # quantize_ may have replaced modules
+    done = [name for name in chosen if _is_quantized(modules[name])]
+    left = sorted(set(chosen) - set(done))
+    if not done:
+        raise QuantizeError(
+            f"quantize '{quantize}': torchao quantised no layer of this model "
+            f"(e.g. {left[0]}: {tuple(chosen[left[0]].weight.shape)})"
+        )
+    described = scheme(quantize) or quantize
+    if quantize == "int4":
+        smaller = sorted(
+            {g for n in done if (g := int4_group(modules[n].in_features)) != INT4_GROUP_SIZE},
+            reverse=True,
+        )
+        if smaller:
+            described += f" (group {', '.join(map(str, smaller))} where widths need it)"
     metrics: dict[str, Any] = {
         "quantize": quantize,
-        "quantize_scheme": scheme(quantize),
+        "quantize_scheme": described,
         "quantize_s": time.perf_counter() - started,
-        "quantized_layers": len(chosen),
+        "quantized_layers": len(done),
         "torchao_version": torchao_version(),
         "weight_bytes": weight_bytes(model),
     }
+    if left:
+        metrics["quantize_skipped"] = left
     return metrics

@@ -170,3 +170,20 @@ def test_worker_run_reports_the_quantised_variant(
     assert metrics["weights"] == "float32, torchao int8 weight-only, per output channel"
     assert 0 < metrics["weight_bytes"] < 99_712  # the float32 model's 24,928 parameters x 4
     assert metrics["engine"] == "fast" and metrics["engine_fallback"] is None
+
+
+def test_int4_on_the_cpu_fails_the_load_in_one_line(tiny_model_dir: Path) -> None:
+    """The profile refuses it first; a spec that reaches the worker anyway is a LoadError."""
+    with pytest.raises(LoadError) as info:
+        load_model(ModelRef("tiny", str(tiny_model_dir), "local"), quantize="int4")
+    message = str(info.value)
+    assert message.startswith("model 'tiny': quantize 'int4' failed on cpu (")
+    assert "\n" not in message
+
+
+def test_int4_groups_fit_widths_that_are_not_multiples_of_128() -> None:
+    from slmtui.worker.quantize import int4_group
+
+    assert [int4_group(w) for w in (3584, 18944, 896, 576, 640, 1536, 48)] == [
+        128, 128, 128, 64, 128, 128, None,
+    ]  # fmt: skip
