@@ -86,6 +86,8 @@ class RunMetrics:
     """Another process used the run's GPU during the window."""
     telemetry: dict[str, Any] | None = None
     """Peaks and series from the GPU backend."""
+    telemetry_degraded: str | None = None
+    """Why GPU telemetry stopped or never started mid-run (NVML erroring or blocking), or None."""
 
     # -- what ran ---------------------------------------------------------------------------------
     mode: str | None = None
@@ -97,6 +99,20 @@ class RunMetrics:
     engine_fallback: str | None = None
     """Why ``engine`` is plain although fast was asked for, or None."""
     dtype: str | None = None
+    weights: str | None = None
+    """What the run computed with: "bfloat16", "gguf Q4_1 dequantised to float32", plus the
+    quantisation scheme."""
+    weight_bytes: int | None = None
+    """The parameters as stored (torchao's int data, scales and zero points; tied matrices once)."""
+    weight_bytes_this_process: int | None = None
+    """Several GPUs: rank 0's share of ``weight_bytes``."""
+    quantize: str | None = None
+    """The ``quantize`` setting: "none", "int8" or "int4" (``slmtui/quantization.py``)."""
+    quantize_scheme: str | None = None
+    quantize_s: float | None = None
+    """Seconds spent quantising (inside ``load_s``)."""
+    quantized_layers: int | None = None
+    torchao_version: str | None = None
     batch_size: int | None = None
     num_fewshot: int | None = None
     max_new_tokens: int | None = None

@@ -17,12 +17,13 @@ Schema (every key optional unless marked; unknown keys are errors)::
     data_dir = "../shared/data"      # <task>/*.jsonl in the hub schema
     carbon_intensity = "world"       # grid gCO2e/kWh for CO2 figures: a number >= 0 or a region
                                      # code of slmtui.carbon.GRID_INTENSITY (default "world")
+    quantize = "none"                # none | int8 | int4: weight-only, applied at load (torchao)
 
     [[models]]                       # one table per model, at least one
     source = "smollm2-135m-instruct" # required: catalog name, hub id, local dir or .gguf file
     name = "SmolLM2-135M-Instruct"   # label in tables (default: from the source)
     gpus = [1]                       # overrides [settings]; so can dtype, batch_size, engine,
-                                     # parallel and timeout_s
+                                     # parallel, timeout_s and quantize
 
     [tasks.gsm8k]                    # one table per task, at least one; the table may be empty
     limit = 5                        # overrides [settings] limit; so can seed
@@ -36,6 +37,11 @@ Relative paths (``data_dir``, ``data_file``, and a model ``source`` starting wit
 any working directory. Values are checked on load; every problem is a one-line UserError naming
 the file, the key path and what is allowed. A GPU count above what the machine has is not
 checked here: the scheduler reports it when running.
+
+A model may be listed twice under the same name with different ``quantize`` settings: the two
+are different variants ("Qwen2.5-7B-Instruct" and "Qwen2.5-7B-Instruct · int4"). What a
+quantisation needs (torchao installed, a kernel for the device: ``gpus = 0`` is the CPU) is
+checked on load too, without importing torch (``slmtui.quantization``).
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ import tomli_w
 
 from slmtui.carbon import Grid, parse_grid
 from slmtui.errors import UserError, allowed_list, did_you_mean
-from slmtui.spec import DTYPES, ENGINES, PARALLEL_MODES, RunSpec, TaskOptions
+from slmtui.quantization import check_quantize
+from slmtui.spec import DTYPES, ENGINES, PARALLEL_MODES, QUANTIZE, RunSpec, TaskOptions, model_label
 
 GPU_COUNTS: tuple[int, ...] = (0, 1, 2, 4, 8)
 """GPU counts a run may use; 0 runs on the CPU."""
@@ -83,6 +90,8 @@ class Settings:
     carbon_intensity: str | float | None = None
     """Grid carbon intensity for CO2 figures: gCO2e/kWh or a region code (``slmtui.carbon``);
     ``None`` is the default (world average)."""
+    quantize: str = "none"
+    """Weight-only quantisation at load: none, int8 or int4."""
 
     @property
     def grid(self) -> Grid:
@@ -102,6 +111,8 @@ class ModelEntry:
     engine: str | None = None
     parallel: str | None = None
     timeout_s: float | None = None
+    quantize: str | None = None
+    """none, int8 or int4; the same name may appear once per setting (two variants)."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +186,9 @@ class Profile:
                 )
         specs: list[RunSpec] = []
         for index, entry in enumerate(self.models, start=1):
+            problem = quantize_problem(entry, self.settings, f"[[models]] #{index}")
+            if problem is not None:
+                raise UserError(f"{where}: {problem}")
             source = self._resolve_source(entry.source)
             try:
                 ref = resolve_model(source)
@@ -206,6 +220,7 @@ class Profile:
                             engine=_first(entry.engine, self.settings.engine),
                             data_dir=run_data_dir,
                             timeout_s=_first(entry.timeout_s, self.settings.timeout_s),
+                            quantize=_first(entry.quantize, self.settings.quantize),
                         )
                     )
         return specs
@@ -226,6 +241,21 @@ class Profile:
 
 def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
+
+
+def quantize_problem(entry: ModelEntry, settings: Settings, where: str) -> str | None:
+    """Why ``entry``'s quantize setting cannot run (``where`` names the model's table), or None.
+
+    Checked on load and again by ``Profile.runs`` (the console edits models after loading).
+    """
+    quantize = _first(entry.quantize, settings.quantize)
+    gpus = entry.gpus if entry.gpus is not None else settings.gpus
+    try:
+        check_quantize(quantize, gpus, _first(entry.dtype, settings.dtype))
+    except UserError as exc:
+        origin = "" if entry.quantize is not None else " (from [settings])"
+        return f"{where} quantize {_show(quantize)}{origin}: {exc}"
+    return None
 
 
 def _is_path_source(source: str) -> bool:
@@ -379,7 +409,7 @@ def parse_profile(
     name = check.string(data, "name", "") or default_name
     description = check.string(data, "description", "") or ""
     settings = _parse_settings(check, check.table(data.get("settings", {}), "[settings]"))
-    models = _parse_models(check, data.get("models"))
+    models = _parse_models(check, data.get("models"), settings)
     tasks = _parse_tasks(check, check.table(data.get("tasks", {}), "[tasks]"))
     return Profile(
         name=name,
@@ -406,6 +436,7 @@ def _parse_settings(check: _Checker, table: dict[str, Any]) -> Settings:
         seed=_first(check.integer(table, "seed", where, 0), defaults.seed),
         data_dir=check.string(table, "data_dir", where),
         carbon_intensity=_carbon_intensity(check, table, where),
+        quantize=check.choice(table, "quantize", where, QUANTIZE) or defaults.quantize,
     )
 
 
@@ -420,13 +451,13 @@ def _carbon_intensity(check: _Checker, table: Mapping[str, Any], where: str) -> 
     return value if isinstance(value, str) else float(value)
 
 
-def _parse_models(check: _Checker, value: Any) -> tuple[ModelEntry, ...]:
+def _parse_models(check: _Checker, value: Any, settings: Settings) -> tuple[ModelEntry, ...]:
     if value is None or value == []:
         raise check.fail("", "no models; add a [[models]] table with a source")
     if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
         raise check.fail("", f"models must be [[models]] tables, got {_show(value)}")
     entries: list[ModelEntry] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, int] = {}  # model label ('name' or 'name · int4') -> the table using it
     for index, table in enumerate(value, start=1):
         where = f"[[models]] #{index}"
         check.keys(table, _MODEL_KEYS, where)
@@ -436,21 +467,26 @@ def _parse_models(check: _Checker, value: Any) -> tuple[ModelEntry, ...]:
                 where, "needs source (a catalog name, hub id, local directory or .gguf file)"
             )
         name = check.string(table, "name", where) or default_model_name(source)
-        if name in seen:
-            raise check.fail(where, f"name '{name}' is already used by [[models]] #{seen[name]}")
-        seen[name] = index
-        entries.append(
-            ModelEntry(
-                name=name,
-                source=source,
-                gpus=check.gpus(table, where),
-                dtype=check.choice(table, "dtype", where, DTYPES),
-                batch_size=check.integer(table, "batch_size", where, 1),
-                engine=check.choice(table, "engine", where, ENGINES),
-                parallel=check.choice(table, "parallel", where, PARALLEL_MODES),
-                timeout_s=check.positive(table, "timeout_s", where),
-            )
+        entry = ModelEntry(
+            name=name,
+            source=source,
+            gpus=check.gpus(table, where),
+            dtype=check.choice(table, "dtype", where, DTYPES),
+            batch_size=check.integer(table, "batch_size", where, 1),
+            engine=check.choice(table, "engine", where, ENGINES),
+            parallel=check.choice(table, "parallel", where, PARALLEL_MODES),
+            timeout_s=check.positive(table, "timeout_s", where),
+            quantize=check.choice(table, "quantize", where, QUANTIZE),
         )
+        quantize = _first(entry.quantize, settings.quantize)
+        label = model_label(name, quantize)
+        if label in seen:
+            raise check.fail(where, f"name '{name}' is already used by [[models]] #{seen[label]}")
+        seen[label] = index
+        problem = quantize_problem(entry, settings, where)
+        if problem is not None:
+            raise check.fail("", problem)
+        entries.append(entry)
     return tuple(entries)
 
 
@@ -524,6 +560,7 @@ def profile_to_dict(profile: Profile, *, base_dir: Path | None = None) -> dict[s
             "seed": settings.seed,
             "data_dir": rebase(settings.data_dir),
             "carbon_intensity": settings.carbon_intensity,
+            "quantize": settings.quantize if settings.quantize != "none" else None,
         }
     )
     doc["models"] = [
@@ -537,6 +574,7 @@ def profile_to_dict(profile: Profile, *, base_dir: Path | None = None) -> dict[s
                 "engine": m.engine,
                 "parallel": m.parallel,
                 "timeout_s": m.timeout_s,
+                "quantize": m.quantize,
             }
         )
         for m in profile.models

@@ -17,11 +17,14 @@ Mode = Literal["generate", "loglikelihood"]
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 Engine = Literal["fast", "plain"]
 Parallel = Literal["tp", "dp"]
+Quantize = Literal["none", "int8", "int4"]
 
 DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
 ENGINES: tuple[str, ...] = ("fast", "plain")
 PARALLEL_MODES: tuple[str, ...] = ("tp", "dp")
 MODES: tuple[str, ...] = ("generate", "loglikelihood")
+QUANTIZE: tuple[str, ...] = ("none", "int8", "int4")
+"""Weight-only quantisation applied at load: none (the dtype as loaded), int8 or int4."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class RunSpec:
     data_dir: str | None = None
     timeout_s: float = 3600.0
     """Wall-clock limit for the whole run, load included; not part of the run key."""
+    quantize: Quantize = "none"
+    """Weight-only quantisation at load ("none", "int8", "int4"; see ``slmtui.worker.quantize``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,18 +91,35 @@ class RunSpec:
 
     @property
     def run_key(self) -> str:
-        """A short hash of everything that changes the measurement (not the timeout)."""
+        """A short hash of everything that changes the measurement (not the timeout).
+
+        ``quantize`` enters only when it is not "none", so the keys of runs stored before the
+        setting existed stay the same (resume still finds them).
+        """
         d = self.to_dict()
         d.pop("timeout_s")
         d["model"].pop("name")
+        if d.get("quantize") == "none":
+            d.pop("quantize")
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @property
+    def model_label(self) -> str:
+        """The model as tables show it: its name, plus the quantisation when there is one
+        ('Qwen2.5-7B-Instruct · int4')."""
+        return model_label(self.model.name, self.quantize)
+
+    @property
     def label(self) -> str:
-        """Human label: 'model · task · 1 GPU'."""
+        """Human label: 'model · task · 1 GPU' ('model · int4 · task · 1 GPU' when quantised)."""
         where = "CPU" if self.gpus == 0 else f"{self.gpus} GPU" + ("s" if self.gpus > 1 else "")
-        return f"{self.model.name} · {self.task} · {where}"
+        return f"{self.model_label} · {self.task} · {where}"
 
     def with_limit(self, limit: int | None) -> RunSpec:
         return replace(self, options=replace(self.options, limit=limit))
+
+
+def model_label(name: str, quantize: str | None) -> str:
+    """``name``, or ``name · int4`` for a quantised variant (one place builds this label)."""
+    return name if quantize in (None, "none") else f"{name} · {quantize}"

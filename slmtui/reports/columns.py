@@ -91,6 +91,9 @@ REGISTRY: tuple[Col, ...] = (
     Col("task", "Task", "the task (and its mode when a task ran in both)", lambda r: r.input.task),
     Col("accuracy", "Accuracy", "the task's primary metric, 0..1", lambda r: r.input.accuracy,
         HIGHER_IS_BETTER["accuracy"], short="Acc", text=_fixed(3), md="Accuracy"),
+    Col("acc_change", "ΔAcc vs full",
+        "accuracy minus the same run's at full precision (quantised variants only)",
+        _extra("acc_change"), text=lambda v: "-" if v is None else f"{v:+.3f}"),
     Col("throughput", "THR/GPU {unit}",
         "per GPU, in throughput_unit (tokens/s generate, samples/s loglikelihood)",
         lambda r: r.input.throughput, HIGHER_IS_BETTER["throughput"], digits=1,
@@ -157,18 +160,19 @@ METRIC_COLUMNS: tuple[Col, ...] = tuple(c for c in REGISTRY if c.metric)
 # -- which columns each view shows, in order -----------------------------------------------------
 
 RANK_TASK_VIEW: tuple[str, ...] = (
-    "rank", "model", "per", "per_rel", "limiting", "accuracy", "throughput", "latency_ms",
+    "rank", "model", "per", "per_rel", "limiting", "accuracy", "acc_change", "throughput",
+    "latency_ms",
     "memory_mb", *CARBON_KEYS, "acc_n", "thr_n", "lat_n", "mem_n", "pareto",
 )  # fmt: skip
 """The console's table for one task ("rank" is by the score the view ranks by)."""
 TABLE_VIEW: tuple[str, ...] = (
-    "accuracy", "throughput", "latency_ms", "memory_mb", "energy_j", "co2_run_g",
+    "accuracy", "acc_change", "throughput", "latency_ms", "memory_mb", "energy_j", "co2_run_g",
 )  # fmt: skip
 """The headless table's figures for one task, after rank, Pareto mark and model."""
 TABLE_FACTORS_VIEW: tuple[str, ...] = ("co2_per_correct_g",)
 """... and, where the terminal is wide enough, these after them."""
 MARKDOWN_VIEW: tuple[str, ...] = (
-    "accuracy", "throughput", "latency_ms", "memory_mb", "energy_j", "co2_run_g",
+    "accuracy", "acc_change", "throughput", "latency_ms", "memory_mb", "energy_j", "co2_run_g",
     "co2_per_correct_g", "per", "per_rel", "limiting",
 )  # fmt: skip
 """The Markdown export's columns for one task, after rank and model and before Pareto."""
@@ -200,7 +204,7 @@ def units() -> dict[str, str]:
 
 def shown(keys: Sequence[str], rows: Sequence[PerRow]) -> list[Col]:
     """The columns of ``keys`` that hold something for ``rows``: CO2 only where energy was
-    measured, energy only where PER used it."""
+    measured, energy only where PER used it, the accuracy change only beside a quantised run."""
     carbon = any(r.input.extra.get("co2_run_g") is not None for r in rows)
     energy = any(r.energy_n is not None for r in rows)
     out = []
@@ -208,6 +212,8 @@ def shown(keys: Sequence[str], rows: Sequence[PerRow]) -> list[Col]:
         if key in CARBON_KEYS and not carbon:
             continue
         if key in ("energy_j", "energy_n") and not energy:
+            continue
+        if key == "acc_change" and all(r.input.extra.get(key) is None for r in rows):
             continue
         out.append(BY_KEY[key])
     return out

@@ -11,7 +11,7 @@ import csv
 import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -259,6 +259,9 @@ class PerInputs:
 
     inputs: list[PerInput] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    accuracy_change: dict[str, float] = field(default_factory=dict)
+    """Run id of a quantised run -> its accuracy minus that of the same model's full-precision
+    run (same task and settings) when both are among the results."""
 
 
 def per_inputs_from_results(results: Iterable[ResultRow]) -> list[PerInput]:
@@ -281,6 +284,8 @@ _SETTING_LABELS: tuple[tuple[str, str], ...] = (
 def build_per_inputs(results: Iterable[ResultRow], grid: Grid | None = None) -> PerInputs:
     """Turn stored results into PER inputs, labelled so that every row of a task is distinct.
 
+    - A quantised variant is a model of its own: "x · int4" (``RunSpec.model_label``), and its
+      accuracy change against the full-precision run is in ``accuracy_change``.
     - A model measured at several GPU counts gets the count in its label ("x · 2 GPUs", "x · CPU").
     - A model measured on one task with different settings (dtype, batch size, few-shot, limit,
       sample vs real data, ...) gets the differing settings in its label.
@@ -311,13 +316,14 @@ def build_per_inputs(results: Iterable[ResultRow], grid: Grid | None = None) -> 
         id(r): f"{r.task} ({_mode(r)})" if len(modes_by_task[r.task]) > 1 else r.task for r in rows
     }
 
+    model_of = {id(r): r.spec.model_label for r in rows}  # "x" or "x · int4"
     gpus_by_model: dict[str, set[int]] = {}
     for r in rows:
-        gpus_by_model.setdefault(r.model, set()).add(r.gpus)
+        gpus_by_model.setdefault(model_of[id(r)], set()).add(r.gpus)
     # settings that differ between rows of the same model, task and GPU count
     groups: dict[tuple[str, str, int], list[ResultRow]] = {}
     for r in rows:
-        groups.setdefault((r.model, task_label[id(r)], r.gpus), []).append(r)
+        groups.setdefault((model_of[id(r)], task_label[id(r)], r.gpus), []).append(r)
     varying: dict[str, list[str]] = {}
     for (model, _, _), group in groups.items():
         for name, _ in _SETTING_LABELS:
@@ -325,13 +331,14 @@ def build_per_inputs(results: Iterable[ResultRow], grid: Grid | None = None) -> 
                 varying.setdefault(model, []).append(name)
 
     grid = grid or parse_grid(None)
+    changes = accuracy_changes(rows)
     for r in rows:
-        parts = [r.model]
-        if len(gpus_by_model[r.model]) > 1:
+        parts = [model_of[id(r)]]
+        if len(gpus_by_model[model_of[id(r)]]) > 1:
             parts.append(_where(r.gpus))
         for name, template in _SETTING_LABELS:
             value = _setting(r, name)
-            if name in varying.get(r.model, []) and value is not None:
+            if name in varying.get(model_of[id(r)], []) and value is not None:
                 parts.append(template.format(value))
         carbon = carbon_of(r.energy_j, r.metrics, grid)
         reported = RunMetrics.from_dict(r.metrics)
@@ -355,9 +362,11 @@ def build_per_inputs(results: Iterable[ResultRow], grid: Grid | None = None) -> 
                     "co2_per_correct_g": carbon.per_correct_g,
                     "energy_per_correct_j": _number(r.metrics.get("energy_per_correct_j")),
                     **{c.key: getattr(reported, c.metric) for c in METRIC_COLUMNS if c.metric},
+                    "acc_change": changes.get(r.run_id),
                 },
             )
         )
+    out.accuracy_change = changes
     sample = [r for r in rows if r.metrics.get("data_source") == "sample"]
     if sample:
         out.notes.append(
@@ -372,6 +381,23 @@ def build_per_inputs(results: Iterable[ResultRow], grid: Grid | None = None) -> 
         if count > 1:
             out.notes.append(f"{count} results of '{model}' on {task} with the same settings")
     return out
+
+
+def accuracy_changes(rows: Iterable[ResultRow]) -> dict[str, float]:
+    """Quantised run id -> accuracy minus its full-precision twin's (the run whose spec differs
+    only in ``quantize``: the same run key with quantize "none"); the newest twin counts."""
+    rows = list(rows)
+    full = {
+        r.spec.run_key: r  # recomputed, like the twin's: keys stored by older versions may differ
+        for r in sorted(rows, key=lambda r: r.finished_at)
+        if r.spec.quantize == "none" and r.accuracy is not None
+    }
+    changes: dict[str, float] = {}
+    for r in rows:
+        twin = full.get(replace(r.spec, quantize="none").run_key)
+        if r.spec.quantize != "none" and twin is not None and r.accuracy is not None:
+            changes[r.run_id] = r.accuracy - twin.accuracy  # type: ignore[operator]
+    return changes
 
 
 def _mode(r: ResultRow) -> str:

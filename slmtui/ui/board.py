@@ -72,6 +72,8 @@ class LiveRun:
 
     @property
     def total(self) -> int:
+        if self.status == "finished" and self.metrics and self.metrics.get("n_samples"):
+            return int(self.metrics["n_samples"])
         return self.progress.total if self.progress else 0
 
     @property

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from slmtui.errors import UserError
 from slmtui.profile import GPU_COUNTS, ModelEntry, Profile, Settings, TaskEntry
-from slmtui.spec import DTYPES, RunSpec
+from slmtui.spec import DTYPES, QUANTIZE, RunSpec, model_label
 from slmtui.tasks import TASK_NAMES, get_task
 
 BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
@@ -29,6 +29,13 @@ class ModelChoice:
     dtype: str
     batch_size: int
     selected: bool = True
+    quantize: str = "none"
+    """Weight-only quantisation: none, int8 or int4 (``slmtui.quantization``)."""
+
+    @property
+    def label(self) -> str:
+        """'name' or 'name · int4': what tells two variants of one model apart."""
+        return model_label(self.entry.name, self.quantize)
 
 
 @dataclass
@@ -100,6 +107,7 @@ class Selection:
                     gpus=kept or (max(allowed),),
                     dtype=entry.dtype or s.dtype,
                     batch_size=entry.batch_size or s.batch_size,
+                    quantize=entry.quantize or s.quantize,
                 )
             )
         by_name = {t.name: t for t in profile.tasks}
@@ -129,14 +137,15 @@ class Selection:
         ref = resolve_model(source)
         written = ref.source if ref.kind in ("local", "gguf") else source.strip()
         label = name or ref.name
-        if any(m.entry.name == label for m in self.models):
-            raise UserError(f"model '{label}' is already in the list; remove it first or rename it")
         s = self.profile.settings
+        if any(m.label == model_label(label, s.quantize) for m in self.models):
+            raise UserError(f"model '{label}' is already in the list; remove it first or rename it")
         choice = ModelChoice(
             entry=ModelEntry(name=label, source=written),
             gpus=(max(self.gpu_counts),) if self.gpus_available == 0 else (1,),
             dtype=s.dtype,
             batch_size=s.batch_size,
+            quantize=s.quantize,
         )
         self.models.append(choice)
         return choice
@@ -157,6 +166,20 @@ class Selection:
         model = self.models[index]
         model.dtype = DTYPES[(DTYPES.index(model.dtype) + 1) % len(DTYPES)]
         return model.dtype
+
+    def cycle_quantize(self, index: int) -> str:
+        """Next of none, int8, int4 for model ``index``, skipping a value that another row of
+        the same model already has (two rows would be one variant). A value the device or the
+        installed torchao cannot run is taken: the plan line says why it cannot run."""
+        model = self.models[index]
+        taken = {m.label for n, m in enumerate(self.models) if n != index}
+        start = QUANTIZE.index(model.quantize) if model.quantize in QUANTIZE else 0
+        for step in range(1, len(QUANTIZE)):
+            value = QUANTIZE[(start + step) % len(QUANTIZE)]
+            if model_label(model.entry.name, value) not in taken:
+                model.quantize = value
+                break
+        return model.quantize
 
     def cycle_batch_size(self, index: int) -> int:
         model = self.models[index]
@@ -194,7 +217,13 @@ class Selection:
             self.profile,
             name=name or self.profile.name,
             models=tuple(
-                replace(m.entry, gpus=m.gpus, dtype=m.dtype, batch_size=m.batch_size)
+                replace(
+                    m.entry,
+                    gpus=m.gpus,
+                    dtype=m.dtype,
+                    batch_size=m.batch_size,
+                    quantize=_explicit(m.quantize, m.entry.quantize, settings.quantize),
+                )
                 for m in models
             ),
             tasks=tuple(
@@ -217,6 +246,12 @@ class Selection:
         if self.timeout_s is not None:
             specs = [replace(spec, timeout_s=self.timeout_s) for spec in specs]
         return specs
+
+
+def _explicit(value: str, written: str | None, default: str) -> str | None:
+    """A model's setting as the profile should hold it: None when it is the [settings] default
+    and the model did not name it (a saved profile stays as short as the loaded one)."""
+    return None if written is None and value == default else value
 
 
 def allowed_gpu_counts(gpus_available: int) -> tuple[int, ...]:

@@ -14,6 +14,10 @@
   killed conversion leaves no half-written checkpoint.
 
 dtype "auto" is bfloat16 on a GPU that supports it (else float16), float32 on the CPU.
+``quantize`` ("int8", "int4") quantises the loaded weights in place (``worker.quantize``, torchao);
+the time it takes is part of the load. ``LoadedModel.metrics`` records what the weights are
+(``weights``: e.g. "gguf Q4_1 dequantised to bfloat16", "bfloat16, torchao int4 weight-only, ..."),
+``weight_bytes`` and the scheme.
 Tokenizers pad on the left (generation) and use EOS as pad when they have no pad token. Chat
 templates are never applied: prompts are plain text, as lm-evaluation-harness sends them.
 """
@@ -25,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -56,6 +61,8 @@ class LoadedModel:
     """What was actually read: hub id, directory or converted checkpoint."""
     notes: list[str] = field(default_factory=list)
     """Facts worth recording with the result (e.g. 'converted GGUF in 35.1 s')."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """What the weights are (``weights``, ``weight_bytes``, ``quantize*``): run metrics."""
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -86,6 +93,7 @@ def load_model(
     gpus: int = 0,
     parallel: str = "tp",
     ctx: Any | None = None,
+    quantize: str = "none",
 ) -> LoadedModel | None:
     """Load ``ref`` for this process; LoadError (or a torch OOM) when it cannot.
 
@@ -93,6 +101,8 @@ def load_model(
     through ``distributed.load_parallel`` (tp shard, dp replica, or layer-sharded); it returns
     None on a rank that has no part in the run (the layer-sharded fallback keeps rank 0 only).
     """
+    if quantize != "none" and gpus > 1:
+        raise LoadError(f"model '{ref.name}': quantize '{quantize}' runs on the CPU or one GPU")
     device = pick_device(gpus)
     torch_dtype = resolve_dtype(dtype, device)
     notes: list[str] = []
@@ -117,7 +127,92 @@ def load_model(
         model = _guarded(ref, path, lambda: _from_pretrained(path, torch_dtype, kwargs, device))
     tokenizer = load_tokenizer(ref, path, local_only=local_only)
     first = next(model.parameters()).device  # layer-sharded: where the inputs go
-    return LoadedModel(model, tokenizer, first, torch_dtype, path, notes)
+    metrics = _quantized(ref, model, quantize)
+    metrics["weights"] = describe_weights(ref, torch_dtype, metrics.get("quantize_scheme"))
+    if gpus > 1 or (ctx is not None and ctx.is_distributed):
+        # a tp shard or one replica's share: what this process holds, not the model's size
+        metrics["weight_bytes_this_process"] = metrics.pop("weight_bytes")
+    return LoadedModel(model, tokenizer, first, torch_dtype, path, notes, metrics)
+
+
+def _quantized(ref: ModelRef, model: Any, quantize: str) -> dict[str, Any]:
+    """``worker.quantize.quantize_model``'s metrics; its refusal becomes a LoadError."""
+    from slmtui.worker.quantize import QuantizeError, quantize_model
+
+    try:
+        return quantize_model(model, quantize)
+    except QuantizeError as exc:
+        raise LoadError(f"model '{ref.name}': {exc}") from None
+
+
+def describe_weights(ref: ModelRef, dtype: torch.dtype, quantize_scheme: str | None) -> str:
+    """What the run computes with: 'bfloat16', 'gguf Q4_1 dequantised to bfloat16', plus the
+    quantisation scheme when there is one."""
+    name = str(dtype).removeprefix("torch.")
+    text = name
+    if ref.kind in ("gguf", "pypi"):
+        kind = _gguf_file_type(ref)
+        text = f"gguf {kind or '(type unknown)'} dequantised to {name}"
+    return f"{text}, {quantize_scheme}" if quantize_scheme else text
+
+
+def _gguf_file_type(ref: ModelRef) -> str | None:
+    """The GGUF file's quantisation ('Q4_1', 'Q4_K_M') from its header; None if unreadable."""
+    try:
+        if ref.kind == "pypi":
+            from slmtui.catalog import offline_model_path
+
+            path = Path(offline_model_path(ref.source, install=False))
+        else:
+            path = Path(ref.source)
+        return gguf_file_type(path)
+    except Exception:
+        return None
+
+
+def gguf_file_type(path: Path) -> str | None:
+    """``general.file_type`` of a GGUF file by its llama.cpp name ('Q4_1', 'Q4_K_M').
+
+    Reads the header's key-value pairs up to that key (``gguf.GGUFReader`` maps every tensor
+    first: 5-20 s for these files on two cores); None when the file does not say.
+    """
+    from gguf import LlamaFileType
+
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    with path.open("rb") as f:
+
+        def number(fmt: str) -> int:
+            size = struct.calcsize(fmt)
+            return int(struct.unpack(fmt, f.read(size))[0])
+
+        def skip(kind: int) -> None:
+            if kind == 8:
+                f.seek(number("<Q"), 1)
+            elif kind == 9:
+                item, count = number("<I"), number("<Q")
+                if item in sizes:
+                    f.seek(sizes[item] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            else:
+                f.seek(sizes[kind], 1)
+
+        if f.read(4) != b"GGUF":
+            return None
+        number("<I")  # version
+        number("<Q")  # tensors
+        for _ in range(number("<Q")):
+            key = f.read(number("<Q")).decode("utf-8", "replace")
+            kind = number("<I")
+            if key == "general.file_type" and kind in (4, 5):
+                value = number("<I")
+                try:
+                    return LlamaFileType(value).name.removeprefix("MOSTLY_")
+                except ValueError:
+                    return f"file type {value}"
+            skip(kind)
+    return None
 
 
 def model_source(ref: ModelRef, notes: list[str]) -> tuple[str, bool]:

@@ -123,7 +123,7 @@ def run_spec(spec: RunSpec, run_id: str, emit: Emit) -> dict[str, Any] | None:
 
 def check_spec(spec: RunSpec) -> None:
     """RunError("bad_spec") for values no part of the run could use."""
-    from slmtui.spec import DTYPES, ENGINES, PARALLEL_MODES
+    from slmtui.spec import DTYPES, ENGINES, PARALLEL_MODES, QUANTIZE
 
     problems = []
     if spec.model.kind not in ("hub", "local", "gguf", "pypi"):
@@ -138,6 +138,8 @@ def check_spec(spec: RunSpec) -> None:
         problems.append(f"engine '{spec.engine}' (allowed: {', '.join(ENGINES)})")
     if spec.parallel not in PARALLEL_MODES:
         problems.append(f"parallel '{spec.parallel}' (allowed: {', '.join(PARALLEL_MODES)})")
+    if spec.quantize not in QUANTIZE:
+        problems.append(f"quantize '{spec.quantize}' (allowed: {', '.join(QUANTIZE)})")
     if problems:
         raise RunError("bad_spec", "run spec: bad " + "; bad ".join(problems))
 
@@ -249,6 +251,7 @@ def _run(
         data_location=data.location,
         notes=loaded.notes + notes,
     )
+    metrics.update(loaded.metrics)  # weights, weight_bytes, quantize and its scheme
     if len(timing.rank_seconds) > 1:
         metrics["rank_measured_s"] = list(timing.rank_seconds)
     metrics.update(_memory_metrics(loaded.device, rss_window))
@@ -263,7 +266,12 @@ def _load(spec: RunSpec, ctx: dist.DistContext) -> LoadedModel | None:
     """Load the model; classify what goes wrong (OOM propagates as itself)."""
     try:
         return load_model(
-            spec.model, dtype=spec.dtype, gpus=spec.gpus, parallel=spec.parallel, ctx=ctx
+            spec.model,
+            dtype=spec.dtype,
+            gpus=spec.gpus,
+            parallel=spec.parallel,
+            ctx=ctx,
+            quantize=spec.quantize,
         )
     except LoadError as exc:
         raise RunError("load_failed", str(exc)) from None

@@ -325,7 +325,7 @@ async def test_out_of_order_events_never_contradict_the_store(store: Store, tmp_
         # the result before the start, then a late progress: the run stays finished
         scheduler.play(
             [
-                RunFinished("live-00", metrics=metrics(0.5, 80, 12, 600), t=T0 + 400),
+                RunFinished("live-00", metrics=metrics(0.5, 80, 12, 600, n_samples=3), t=T0 + 400),
                 RunStarted("live-00", spec=s, pid=7, t=T0 + 150),
                 progress("live-00", 4),
             ]

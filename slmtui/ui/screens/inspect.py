@@ -190,6 +190,7 @@ class InspectScreen(Screen[None]):
             ("task", spec.task),
             ("GPUs", "CPU" if spec.gpus == 0 else f"{spec.gpus} ({spec.parallel})"),
             ("dtype", spec.dtype),
+            *((("quantize", _quantize_line(spec.quantize, m)),) if spec.quantize != "none" else ()),
             ("batch size", str(spec.batch_size)),
             ("engine", _engine_line(spec.engine, m)),
             ("limit", str(spec.options.limit or "all")),
@@ -251,6 +252,14 @@ def _engine_line(requested: str, metrics: dict) -> str:
     if not fallback:
         return str(metrics.get("engine") or requested)
     return f"{metrics.get('engine')} (asked: {requested}) — {fallback}"
+
+
+def _quantize_line(quantize: str, m: dict[str, Any]) -> str:
+    """'int4: torchao int4 weight-only, ...; 3,912 MiB of weights' (what the run recorded)."""
+    parts = [f"{quantize}: {m.get('quantize_scheme') or 'not recorded'}"]
+    if isinstance(m.get("weight_bytes"), int):
+        parts.append(f"{m['weight_bytes'] / 2**20:,.0f} MiB of weights")
+    return "; ".join(parts)
 
 
 def _opt(value: object) -> str:

@@ -58,6 +58,14 @@ class PickView(Vertical):
         Binding("g", "cycle_gpus", "GPUs", id="pick.gpus", tooltip="Next GPU count the box has"),
         Binding("t", "cycle_dtype", "dtype", id="pick.dtype", tooltip="Next dtype", show=False),
         Binding(
+            "z",
+            "cycle_quantize",
+            "Quantize",
+            id="pick.quantize",
+            tooltip="Weights: full precision, int8 or int4 (torchao)",
+            show=False,
+        ),
+        Binding(
             "b", "cycle_batch", "Batch", id="pick.batch", tooltip="Next batch size", show=False
         ),
         Binding(
@@ -141,7 +149,7 @@ class PickView(Vertical):
                     m.entry.name,
                     m.entry.source,
                     gpus_text(m.gpus),
-                    m.dtype,
+                    m.dtype if m.quantize == "none" else f"{m.dtype} · {m.quantize}",
                     str(m.batch_size),
                     stored.get(n, ""),
                 ),
@@ -191,8 +199,8 @@ class PickView(Vertical):
         return out
 
     def _specs_of(self, index: int) -> list[RunSpec]:
-        name = self.selection.models[index].entry.name
-        return [s for s in self._specs() if s.model.name == name]
+        label = self.selection.models[index].label
+        return [s for s in self._specs() if s.model_label == label]
 
     def _specs(self) -> list[RunSpec]:
         return self.selection.specs(limit=self.limit)
@@ -279,6 +287,9 @@ class PickView(Vertical):
 
     def action_cycle_dtype(self) -> None:
         self._model_edit(self.selection.cycle_dtype)
+
+    def action_cycle_quantize(self) -> None:
+        self._model_edit(self.selection.cycle_quantize)
 
     def action_cycle_batch(self) -> None:
         self._model_edit(self.selection.cycle_batch_size)

@@ -136,6 +136,7 @@ class RankView(Vertical):
         self.results: list[ResultRow] = []
         self.per_rows: list[PerRow] = []
         self.notes: list[str] = []
+        """Quantised run id -> accuracy change against its full-precision run."""
         self.view = OVERVIEW
         self.filter_text = ""
         self.sort_by: dict[str, tuple[str, bool]] = {}

@@ -160,7 +160,7 @@ class RunsView(Vertical):
         label = (
             run.label
             if run.spec is None
-            else (f"{run.spec.model.name} · {run.spec.task} · {where(run.spec.gpus)}")
+            else (f"{run.spec.model_label} · {run.spec.task} · {where(run.spec.gpus)}")
         )
         return Text(mark, style=style), label, Text(status, style=style), samples, detail
 
