@@ -4,9 +4,10 @@
 
 Each run is a fresh interpreter (``--child`` below) that builds the engine the way ``slmtui``
 does (profile, GPU detection, store, a client of the store's scheduler service), runs the app
-headless, and exits as soon as the first screen is painted. The time counts from the process's creation (psutil), so interpreter
-start and every import are inside it. ``heavy_modules`` lists torch / transformers / accelerate
-if the UI process ever loaded them (it must not: tests/test_ui_boundary.py checks it).
+headless, and exits as soon as the first screen is painted. The time counts from the process's
+creation (psutil), so interpreter start and every import are inside it. ``heavy_modules`` lists
+torch / transformers / accelerate if the UI process ever loaded them (it must not:
+tests/test_ui_boundary.py checks it).
 """
 
 from __future__ import annotations
