@@ -181,7 +181,7 @@ class PlainEngine(Engine):
                 end = pos + 1  # the EOS was generated: it counts, its text does not
                 break
         text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
-        cut = _first_stop(text, request.stop)
+        cut = first_stop(text, request.stop)
         if cut is None:
             return text, end
         tokens_out = stopped_at if stopped_at is not None else self._tokens_to_stop(ids, request)
@@ -193,7 +193,7 @@ class PlainEngine(Engine):
         while lo < hi:
             mid = (lo + hi) // 2
             text = self.tokenizer.decode(ids[:mid], skip_special_tokens=True)
-            if _first_stop(text, request.stop) is None:
+            if first_stop(text, request.stop) is None:
                 lo = mid + 1
             else:
                 hi = mid
@@ -347,7 +347,7 @@ class _StopCriteria:
                 width = min(max(self.windows), generated)
                 tails = input_ids[:, -width:].tolist()
             text = self.tokenizer.decode(tails[row][-min(self.windows[row], generated) :])
-            if _first_stop(text, request.stop) is not None:
+            if first_stop(text, request.stop) is not None:
                 self.stopped_at[row] = generated
                 done[row] = True
         return done
@@ -370,7 +370,7 @@ class _FirstTokenStreamer:
         pass
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
     """Index of the earliest stop string in ``text``, or None."""
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
