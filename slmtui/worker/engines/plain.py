@@ -77,6 +77,20 @@ class PlainEngine(Engine):
         if tokenizer.eos_token_id is not None:
             eos_ids.append(tokenizer.eos_token_id)
         self.eos_ids: list[int] = sorted(set(eos_ids))
+        self._encoded: dict[tuple[str, bool], list[int]] = {}
+        """Token ids by (text, special tokens): ``prepare`` fills it before the window."""
+
+    def prepare(
+        self,
+        generate: Sequence[GenerateRequest],
+        loglikelihood: Sequence[LoglikelihoodRequest],
+    ) -> None:
+        """Tokenise every prompt and (context, continuation) pair now, outside the window."""
+        for request in generate:
+            self._encode(request.prompt)
+        for ll in loglikelihood:
+            for continuation in ll.continuations:
+                self.encode_pair(ll.context, continuation)
 
     # -- warm-up --------------------------------------------------------------------------------
 
@@ -136,7 +150,7 @@ class PlainEngine(Engine):
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
         stopper = _StopCriteria(self.tokenizer, requests)
-        streamer = _FirstTokenStreamer()
+        streamer = _FirstTokenStreamer(self._count_generated)
         started = time.perf_counter()
         streamer.started = started
         with torch.inference_mode():
@@ -155,7 +169,11 @@ class PlainEngine(Engine):
                 top_k=None,
             )
         ttft_s = streamer.first_token_s
+        elapsed_s = time.perf_counter() - started
         new_tokens = output[:, input_ids.shape[1] :].tolist()
+        steps = len(new_tokens[0]) if new_tokens else 0
+        # every row gets one token per step of the batch: the step time is each row's ITL
+        itl_s = (elapsed_s - ttft_s) / (steps - 1) if ttft_s is not None and steps > 1 else None
         done = []
         for row, (request, ids) in enumerate(zip(requests, new_tokens, strict=True)):
             text, tokens_out = self._finish(request, ids, stopper.stopped_at[row])
@@ -166,9 +184,13 @@ class PlainEngine(Engine):
                     tokens_in=len(encoded[row]),
                     tokens_out=tokens_out,
                     ttft_s=ttft_s,
+                    itl_s=itl_s if tokens_out > 1 else None,
                 )
             )
         return done
+
+    def _count_generated(self, n: int) -> None:
+        self.live_tokens += n
 
     def _finish(
         self, request: GenerateRequest, ids: list[int], stopped_at: int | None
@@ -298,7 +320,12 @@ class PlainEngine(Engine):
     # -- shared ---------------------------------------------------------------------------------
 
     def _encode(self, text: str, *, special: bool = True) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        key = (text, special)
+        ids = self._encoded.get(key)
+        if ids is None:
+            ids = list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+            self._encoded[key] = ids
+        return list(ids)
 
     def _halve_batch(self, exc: BaseException) -> None:
         old = self.batch_size
@@ -354,17 +381,21 @@ class _StopCriteria:
 
 
 class _FirstTokenStreamer:
-    """Notes when ``generate`` hands out its first generated tokens (the second ``put``)."""
+    """Notes when ``generate`` hands out its first generated tokens (the second ``put``), and
+    counts every step's tokens as they come (``on_tokens``; rows already stopped included)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_tokens: Callable[[int], None] | None = None) -> None:
         self.started = time.perf_counter()
         self.puts = 0
         self.first_token_s: float | None = None
+        self.on_tokens = on_tokens
 
     def put(self, value: Any) -> None:
         self.puts += 1
         if self.puts == 2:
             self.first_token_s = time.perf_counter() - self.started
+        if self.puts >= 2 and self.on_tokens is not None:
+            self.on_tokens(int(value.shape[0]) if hasattr(value, "shape") else 1)
 
     def end(self) -> None:
         pass
