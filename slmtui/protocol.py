@@ -31,6 +31,10 @@ ERROR_REASONS: tuple[str, ...] = (
     "bad_spec",
 )
 
+SERVE_GOES_ON_AFTER: tuple[str, ...] = ("bad_spec", "data_failed", "load_failed")
+"""Failures after which a worker serving a group of runs (``--serve``) takes the next run: they
+leave the process sound. After any other failure it exits and the group goes on in a fresh one."""
+
 
 @dataclass(frozen=True)
 class Event:
