@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from slmtui.per import PerRow, summarise_models
@@ -36,13 +36,23 @@ COLUMNS: tuple[str, ...] = (
     "lat_n",
     "mem_n",
     "energy_n",
+    "ttft_p50_ms",
+    "ttft_p95_ms",
+    "itl_p50_ms",
+    "itl_p95_ms",
 )
 """Columns of the CSV export and keys of each JSON object, in this order."""
+LATENCY_COLUMNS = ("ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms")
+"""Per-sequence latency (generate runs), from the run's metrics when the caller passes them."""
+
+Metrics = Mapping[str, Mapping[str, Any]]
+"""Run metrics by PER row key (the run id)."""
 
 
-def row_record(row: PerRow) -> dict[str, Any]:
+def row_record(row: PerRow, metrics: Metrics | None = None) -> dict[str, Any]:
     """One PER row as a flat dict with the keys of ``COLUMNS`` (``None`` where unknown)."""
     given = row.input
+    found = (metrics or {}).get(given.key or "", {})
     return {
         "model": given.model,
         "task": given.task,
@@ -60,6 +70,7 @@ def row_record(row: PerRow) -> dict[str, Any]:
         "lat_n": row.lat_n,
         "mem_n": row.mem_n,
         "energy_n": row.energy_n,
+        **{k: found.get(k) for k in LATENCY_COLUMNS},
     }
 
 
@@ -75,20 +86,20 @@ def _csv_cell(value: Any) -> str:
     return str(value)
 
 
-def to_csv(rows: Sequence[PerRow]) -> str:
+def to_csv(rows: Sequence[PerRow], metrics: Metrics | None = None) -> str:
     """CSV with a header of ``COLUMNS``; empty cells where a value is unknown."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(COLUMNS)
     for row in rows:
-        record = row_record(row)
+        record = row_record(row, metrics)
         writer.writerow([_csv_cell(record[c]) for c in COLUMNS])
     return out.getvalue()
 
 
-def to_json(rows: Sequence[PerRow]) -> str:
+def to_json(rows: Sequence[PerRow], metrics: Metrics | None = None) -> str:
     """A JSON array of objects with the keys of ``COLUMNS`` (``null`` where unknown)."""
-    return json.dumps([row_record(r) for r in rows], indent=2) + "\n"
+    return json.dumps([row_record(r, metrics) for r in rows], indent=2) + "\n"
 
 
 def _md_escape(text: str) -> str:
