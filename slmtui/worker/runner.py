@@ -7,8 +7,9 @@ loading    task data first (a bad file fails in a second, not after a model load
            under way is named in ``RunProgress.step``. Within one worker serving several runs of
            one model (``Models``), later runs reuse the loaded model: their ``load_s`` is 0 and
            ``model_reused`` says so.
-warmup     ``engine.warmup`` on the first ``WARMUP_REQUESTS`` requests (``warmup_s``), then
-           ``engine.prepare`` on all of them (tokenising; ``prepare_s``), both outside the window.
+warmup     ``engine.prepare`` on every request (tokenising, sizing buffers; ``prepare_s``), then
+           ``engine.warmup`` on the first ``WARMUP_REQUESTS`` (``warmup_s``), both outside the
+           window.
 measuring  every request: a synchronised clock starts, the engine answers, each answer is scored
            and sent as ``SampleScored``, the clock stops after a final synchronise
            (``measured_s``). Load and warm-up are never inside THR/LAT. Live tokens/s counts the
@@ -249,7 +250,14 @@ def _run(
     )
     load_s = 0.0 if reused else time.perf_counter() - load_started
 
-    state.phase, state.step = "warmup", STEP_WARMUP
+    state.phase, state.step = "warmup", STEP_TOKENISING
+    started = time.perf_counter()
+    engine.prepare(
+        [r for r in requests if isinstance(r, GenerateRequest)],
+        [r for r in requests if isinstance(r, LoglikelihoodRequest)],
+    )
+    prepare_s = time.perf_counter() - started
+    state.step = STEP_WARMUP
     warm = requests[:WARMUP_REQUESTS]
     started = time.perf_counter()
     engine.warmup(
@@ -258,13 +266,6 @@ def _run(
     )
     _synchronize(loaded.device)
     warmup_s = time.perf_counter() - started
-    state.step = STEP_TOKENISING
-    started = time.perf_counter()
-    engine.prepare(
-        [r for r in requests if isinstance(r, GenerateRequest)],
-        [r for r in requests if isinstance(r, LoglikelihoodRequest)],
-    )
-    prepare_s = time.perf_counter() - started
     engine.live_tokens = 0
     rss_window = _reset_peak_rss()
 

@@ -166,3 +166,18 @@ def test_each_sequence_reports_its_own_first_token_and_inter_token_latency(
         else:
             assert fast[i].itl_s is None
     assert engine.live_tokens >= sum(r.max_new_tokens for r in requests)
+
+
+def test_prepare_sizes_the_cache_so_the_window_never_grows_it(tiny_model: tuple[Any, Any]):
+    """The runner prepares every request before warm-up: the longest prompt fits at once."""
+    model, tokenizer = tiny_model
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 3
+    requests = [GenerateRequest("short", 4), GenerateRequest(long_prompt, 10)]
+    engine = FastEngine(model, tokenizer, batch_size=2)
+    engine.prepare(requests, [])
+    engine.warmup(requests[:1], [])
+    capacity = engine._cache.capacity if engine._cache is not None else 0
+    fast = by_index(engine.generate(requests))
+    assert outputs(fast) == outputs(plain_answers(model, tokenizer, requests))
+    assert engine._cache is not None and engine._cache.capacity == capacity
+    assert not any("grown" in note for note in engine.notes)

@@ -144,6 +144,8 @@ class FastEngine(PlainEngine):
             )
         self.warmup_report = WarmupReport()
         self.max_batch = self.batch_size
+        self._planned_tokens = 0
+        """Prompt + budget of the longest request ``prepare`` saw (0: none)."""
         self._cache: SlotCache | None = None
         self._graphs = DecodeGraphs()
         self._step_fn: Callable[[int], torch.Tensor] = self._step
@@ -334,11 +336,13 @@ class FastEngine(PlainEngine):
         self.warmup_report.graphs = len(self._graphs)
 
     def _eager_warmup_steps(self, rows: int) -> None:
-        """The eager steps before a capture. A decode attention whose kernel this device
-        refuses (an error here, before any capture) falls back to ``grouped``, noted."""
+        """The eager steps before a capture (two before the first, one before the others: the
+        kernels are warm by then). A decode attention whose kernel this device refuses (an error
+        here, before any capture) falls back to ``grouped``, noted."""
+        steps = 3 if self.compile_step else (2 if not self._graphs else 1)
         try:
             with torch.inference_mode(), self._attention():
-                for _ in range(3 if self.compile_step else 2):
+                for _ in range(steps):
                     self._step_fn(rows)
                     self._step_idx.zero_()
         except Exception as exc:
@@ -604,6 +608,22 @@ class FastEngine(PlainEngine):
             )
             return PendingScores(*sum_logprobs(logits, batch))
 
+    # -- before the window ----------------------------------------------------------------------
+
+    def prepare(
+        self,
+        generate: Sequence[GenerateRequest],
+        loglikelihood: Sequence[LoglikelihoodRequest],
+    ) -> None:
+        """Tokenise everything and size the KV cache for the longest request, so that no
+        cache growth (and graph recapture) happens inside the measured window."""
+        super().prepare(generate, loglikelihood)
+        if generate:
+            self._planned_tokens = max(
+                len(self._cut(r, self._encode(r.prompt) or [0])) + r.max_new_tokens
+                for r in generate
+            )
+
     # -- warm-up --------------------------------------------------------------------------------
 
     def warmup(
@@ -613,14 +633,16 @@ class FastEngine(PlainEngine):
     ) -> None:
         """Size the KV cache from the given requests, capture every batch-size bucket, run them.
 
-        The cache gets room for prompts a quarter longer than the longest given (the runner
-        warms up on a few requests only); a longer request later grows it (noted).
+        The cache gets room for the longest request ``prepare`` saw (the runner prepares every
+        request first), else for prompts a quarter longer than the longest given; a longer
+        request later grows it (noted).
         """
         started = time.perf_counter()
         if generate:
             longest = max(len(self._encode(r.prompt)) for r in generate)
             budget = max(r.max_new_tokens for r in generate)
-            self._ensure_capacity(min(self.max_length, int(longest * 1.25) + budget))
+            tokens = max(int(longest * 1.25) + budget, self._planned_tokens)
+            self._ensure_capacity(min(self.max_length, tokens))
             self._touch_buffers(max(1, longest))
             if self.use_graphs:
                 for rows in reversed(buckets(self.max_batch)):  # largest first: one pool
