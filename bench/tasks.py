@@ -104,7 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
     parser.add_argument("--engine", default="fast", choices=("fast", "plain"))
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--batch-size",
+        type=lambda v: v if v == "auto" else int(v),
+        default=64,
+        help="sequences in flight (an integer, or auto: sized from free GPU memory)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
     return parser.parse_args(argv)
 

@@ -191,8 +191,8 @@ def check_spec(spec: RunSpec) -> None:
         problems.append(f"model.kind '{spec.model.kind}' (allowed: hub, local, gguf, pypi)")
     if not isinstance(spec.gpus, int) or spec.gpus < 0:
         problems.append(f"gpus {spec.gpus!r} (allowed: an integer >= 0)")
-    if not isinstance(spec.batch_size, int) or spec.batch_size < 1:
-        problems.append(f"batch_size {spec.batch_size!r} (allowed: an integer >= 1)")
+    if spec.batch_size != "auto" and (not isinstance(spec.batch_size, int) or spec.batch_size < 1):
+        problems.append(f"batch_size {spec.batch_size!r} (allowed: an integer >= 1, or auto)")
     if spec.dtype not in DTYPES:
         problems.append(f"dtype '{spec.dtype}' (allowed: {', '.join(DTYPES)})")
     if spec.engine not in ENGINES:
@@ -324,7 +324,8 @@ def _run(
         mode=settings.mode,
         engine=engine.name,
         dtype=str(loaded.dtype).removeprefix("torch."),
-        batch_size=spec.batch_size,
+        batch_size=engine.batch_size if spec.batch_size == "auto" else spec.batch_size,
+        batch_size_requested=spec.batch_size,
         num_fewshot=settings.num_fewshot,
         max_new_tokens=settings.max_new_tokens if settings.mode == "generate" else None,
         task_version=task.version,

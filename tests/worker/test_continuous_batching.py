@@ -181,3 +181,30 @@ def test_prepare_sizes_the_cache_so_the_window_never_grows_it(tiny_model: tuple[
     assert outputs(fast) == outputs(plain_answers(model, tokenizer, requests))
     assert engine._cache is not None and engine._cache.capacity == capacity
     assert not any("grown" in note for note in engine.notes)
+
+
+def test_auto_batch_size_fills_half_the_free_memory_with_cache_rows(
+    tiny_model: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+):
+    """2 layers x 2 (K, V) x 2 KV heads x 8 dims x 4 bytes = 256 bytes a token; 36 tokens of
+    prompt and budget + 64 of headroom = 25,600 bytes a row; half of 4,096,000 bytes holds 80
+    rows: 64, the power of two below."""
+    model, tokenizer = tiny_model
+    engine = FastEngine(model, tokenizer, batch_size="auto")
+    assert engine.kv_bytes_per_token() == 256
+    requests = [GenerateRequest("x" * 25, 10) for _ in range(100)]  # 26 tokens with BOS
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4_096_000, 8_000_000))
+    engine.device = torch.device("cuda")  # only the sizing reads it here
+    engine.prepare(requests, [])
+    assert engine.batch_size == engine.max_batch == 64
+    assert any(n.startswith("batch_size auto: 64 sequences in flight") for n in engine.notes)
+    engine.device = torch.device("cpu")
+    small = FastEngine(model, tokenizer, batch_size="auto")
+    small.device = torch.device("cuda")
+    small.prepare(requests[:5], [])
+    assert small.batch_size == 4  # never more slots than requests
+    cpu = FastEngine(model, tokenizer, batch_size="auto")
+    cpu.prepare(requests[:3], [])
+    assert cpu.batch_size == 8 and "no GPU memory" in cpu.notes[-1]
+    answers = by_index(cpu.generate(requests[:3]))
+    assert outputs(answers) == outputs(plain_answers(model, tokenizer, requests[:3]))

@@ -44,6 +44,9 @@ from slmtui.tasks.base import (
 )
 from slmtui.worker.engines.base import Completed, Engine
 
+AUTO_BATCH_SIZE_CPU = 8
+AUTO_BATCH_SIZE_GPU = 32
+"""``batch_size = "auto"`` where nothing better is known (plain; the fast engine's start)."""
 WARMUP_MAX_NEW_TOKENS = 8
 """Warm-up generations stop here: enough to touch every kernel of prefill and decode."""
 
@@ -66,11 +69,17 @@ def is_oom(exc: BaseException) -> bool:
 class PlainEngine(Engine):
     name = "plain"
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int) -> None:
-        super().__init__(model, tokenizer, batch_size=max(1, batch_size))
-        self.device = next(model.parameters()).device
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int | str) -> None:
+        device = next(model.parameters()).device
+        auto = batch_size == "auto"
+        if auto:
+            batch_size = AUTO_BATCH_SIZE_GPU if device.type == "cuda" else AUTO_BATCH_SIZE_CPU
+        super().__init__(model, tokenizer, batch_size=max(1, int(batch_size)))
+        self.device = device
         self.notes: list[str] = []
         """Facts for the result (e.g. a batch size halved after an OOM)."""
+        if auto and type(self) is PlainEngine:
+            self.notes.append(f"batch_size auto: the plain engine used {self.batch_size}")
         self.max_length = _model_max_length(model)
         eos = model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []

@@ -71,6 +71,10 @@ PREFILL_CHUNK_TOKENS = 512
 """Most prompt tokens of one row in one prefill forward; a longer prompt takes several."""
 FORWARD_TOKENS = 16384
 """Most padded tokens in one prefill or log-likelihood forward (activation memory)."""
+AUTO_CACHE_SHARE = 0.5
+"""``batch_size = "auto"``: the share of free GPU memory the KV cache may take."""
+AUTO_MAX_ROWS = 256
+"""``batch_size = "auto"``: never more sequences in flight than this."""
 
 
 @dataclass
@@ -120,7 +124,7 @@ class FastEngine(PlainEngine):
         model: Any,
         tokenizer: Any,
         *,
-        batch_size: int,
+        batch_size: int | str,
         compile_step: bool = False,
         check_every_tokens: int = CHECK_EVERY_TOKENS,
         decode_attention: str = "auto",
@@ -128,6 +132,8 @@ class FastEngine(PlainEngine):
         forward_tokens: int = FORWARD_TOKENS,
     ) -> None:
         super().__init__(model, tokenizer, batch_size=batch_size)
+        self.auto_batch = batch_size == "auto"
+        """Size ``batch_size`` in ``prepare`` from free memory and the longest request."""
         register_attention()
         self.compile_step = compile_step
         self.loop = LoopSettings(
@@ -623,6 +629,40 @@ class FastEngine(PlainEngine):
                 len(self._cut(r, self._encode(r.prompt) or [0])) + r.max_new_tokens
                 for r in generate
             )
+        if self.auto_batch:
+            self._size_batch(len(generate))
+
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one sequence needs per token (every layer keeps a full slot row)."""
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = int(text.num_attention_heads)
+        kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+        size = next(self.model.parameters()).element_size()
+        return int(text.num_hidden_layers) * 2 * kv_heads * head_dim * size
+
+    def _size_batch(self, sequences: int) -> None:
+        """``batch_size = "auto"``: as many slot rows as ``AUTO_CACHE_SHARE`` of free GPU memory
+        holds for the longest request (a power of two, at most ``AUTO_MAX_ROWS`` and no more
+        than there are requests); noted. On the CPU, and for log-likelihood, the default."""
+        if self.device.type != "cuda" or not sequences or not self._planned_tokens:
+            self.notes.append(f"batch_size auto: {self.batch_size} (no GPU memory to size from)")
+            return
+        free, _ = torch.cuda.mem_get_info(self.device)
+        row_bytes = self.kv_bytes_per_token() * (self._planned_tokens + CAPACITY_STEP)
+        fit = max(1, int(free * AUTO_CACHE_SHARE // row_bytes))
+        rows = 1
+        while rows * 2 <= min(fit, AUTO_MAX_ROWS, max(sequences, 1)):
+            rows *= 2
+        self.batch_size = self.max_batch = rows
+        self._drop_buffers()
+        mib = 2**20
+        self.notes.append(
+            f"batch_size auto: {rows} sequences in flight (KV cache {row_bytes / mib:.1f} MiB "
+            f"per sequence for {self._planned_tokens} tokens; {free / mib:,.0f} MiB free, "
+            f"{AUTO_CACHE_SHARE:.0%} of it for the cache)"
+        )
 
     # -- warm-up --------------------------------------------------------------------------------
 
