@@ -35,7 +35,6 @@ class SlotCache:
         self.visible: int | None = None
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self._aranges: dict[torch.device, torch.Tensor] = {}
 
     @property
     def trash(self) -> int:
@@ -63,16 +62,17 @@ class SlotCache:
             slots = slots.to(device)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self.row_index is None:
-            rows = self._rows(device)[: self.rows, None]
-        else:
-            rows = self.row_index.to(device)[:, None]
-        # advanced indices on dims 0 and 2 -> [fed rows, query tokens, heads, dim]
-        keys[rows, :, slots] = key_states.transpose(1, 2)
-        values[rows, :, slots] = value_states.transpose(1, 2)
-        if self.row_index is None:
+            # the first rows (decode): one scatter per tensor, as cheap as a plain index copy
             keys, values = keys[: self.rows], values[: self.rows]
+            for cache, states in ((keys, key_states), (values, value_states)):
+                index = slots[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1])
+                cache.scatter_(2, index, states)
         else:
+            # scattered rows (prefill): advanced indices on dims 0 and 2
             index = self.row_index.to(device)
+            rows = index[:, None]
+            keys[rows, :, slots] = key_states.transpose(1, 2)
+            values[rows, :, slots] = value_states.transpose(1, 2)
             keys, values = keys.index_select(0, index), values.index_select(0, index)
         if self.visible is not None:
             return keys[:, :, : self.visible], values[:, :, : self.visible]
@@ -88,11 +88,6 @@ class SlotCache:
                     device=device,
                 )
             )
-
-    def _rows(self, device: torch.device) -> torch.Tensor:
-        if device not in self._aranges:
-            self._aranges[device] = torch.arange(self.max_batch, device=device)
-        return self._aranges[device]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # unused: every forward passes cache_position / position_ids explicitly
