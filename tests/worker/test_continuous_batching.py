@@ -208,3 +208,28 @@ def test_auto_batch_size_fills_half_the_free_memory_with_cache_rows(
     assert cpu.batch_size == 8 and "no GPU memory" in cpu.notes[-1]
     answers = by_index(cpu.generate(requests[:3]))
     assert outputs(answers) == outputs(plain_answers(model, tokenizer, requests[:3]))
+
+
+def test_loglikelihood_out_of_memory_halves_the_rows_and_goes_on(tiny_model: tuple[Any, Any]):
+    """The one batching loop (shared with plain): an OOM halves the batch, nothing is lost."""
+    from slmtui.tasks.base import LoglikelihoodRequest
+
+    model, tokenizer = tiny_model
+    requests = [LoglikelihoodRequest(p, (" yes", " no")) for p in PROMPTS]
+    engine = FastEngine(model, tokenizer, batch_size=8)
+    real = engine._score_groups
+    sizes: list[int] = []
+
+    def flaky(groups: Any) -> Any:
+        sizes.append(len(groups))
+        if len(groups) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return real(groups)
+
+    engine._score_groups = flaky  # type: ignore[method-assign]
+    fast = by_index(engine.loglikelihood(requests))
+    plain = by_index(PlainEngine(model, tokenizer, batch_size=1).loglikelihood(requests))
+    assert sizes[:3] == [8, 4, 2] and engine.batch_size == 2
+    assert any("out of memory at batch size 8" in n for n in engine.notes)
+    for i in range(len(requests)):
+        assert fast[i].response.logprobs == pytest.approx(plain[i].response.logprobs, abs=1e-4)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -47,6 +47,8 @@ from slmtui.worker.engines.base import Completed, Engine
 AUTO_BATCH_SIZE_CPU = 8
 AUTO_BATCH_SIZE_GPU = 32
 """``batch_size = "auto"`` where nothing better is known (plain; the fast engine's start)."""
+R = TypeVar("R")
+
 WARMUP_MAX_NEW_TOKENS = 8
 """Warm-up generations stop here: enough to touch every kernel of prefill and decode."""
 
@@ -135,19 +137,32 @@ class PlainEngine(Engine):
     ) -> Iterator[Completed]:
         """Answer the requests ``order`` lists, ``batch_size`` at a time, halving the batch
         size after an out-of-memory error. ``answer(batch)`` gives (row in batch, Completed)."""
+        for start, _size, done in self._halving(
+            len(order),
+            lambda at: self.batch_size,
+            lambda at, n: list(answer(order[at : at + n])),
+        ):
+            for row, completed in done:
+                yield replace(completed, index=order[start + row], batch=start)
+
+    def _halving(
+        self, total: int, size_at: Callable[[int], int], answer: Callable[[int, int], R]
+    ) -> Iterator[tuple[int, int, R]]:
+        """The one batching loop: (start, size, ``answer(start, size)``) over items 0..total-1,
+        ``size_at(start)`` items at a time; after an out-of-memory error the batch size halves
+        (``size_at`` reads it) and the same items are tried again, down to 1."""
         start = 0
-        while start < len(order):
-            batch = order[start : start + self.batch_size]
+        while start < total:
+            size = max(1, min(size_at(start), total - start))
             try:
-                done = list(answer(batch))
+                result = answer(start, size)
             except Exception as exc:
                 if not is_oom(exc) or self.batch_size == 1:
                     raise
                 self._halve_batch(exc)
                 continue
-            for row, completed in done:
-                yield replace(completed, index=batch[row], batch=start)
-            start += len(batch)
+            yield start, size, result
+            start += size
 
     def _generate_batch(
         self, requests: list[GenerateRequest], encoded: list[list[int]]
@@ -245,17 +260,12 @@ class PlainEngine(Engine):
         for index, request in enumerate(requests):
             if not request.continuations:
                 yield Completed(index, LoglikelihoodResponse((), ()), 0, 0)
-        start = 0
-        while start < len(pairs):
-            batch = pairs[start : start + self.batch_size]
-            try:
-                scored = self._score_pairs([(p[2], p[3]) for p in batch])
-            except Exception as exc:
-                if not is_oom(exc) or self.batch_size == 1:
-                    raise
-                self._halve_batch(exc)
-                continue
-            start += len(batch)
+        for start, size, scored in self._halving(
+            len(pairs),
+            lambda at: self.batch_size,
+            lambda at, n: self._score_pairs([(p[2], p[3]) for p in pairs[at : at + n]]),
+        ):
+            batch = pairs[start : start + size]
             for (index, choice, _, _), (logprob, greedy, n_in) in zip(batch, scored, strict=True):
                 logprobs[index][choice] = (logprob, greedy)
                 tokens_in[index] += n_in

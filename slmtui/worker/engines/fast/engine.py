@@ -564,22 +564,15 @@ class FastEngine(PlainEngine):
                 flat += len(group.choices)
 
         groups = packed.groups
-        start = 0
         behind: tuple[Sequence[Any], PendingScores] | None = None
-        while start < len(groups):
-            count = take_batch(groups, start, self.batch_size, self.loop.forward_tokens)
-            batch = groups[start : start + count]
-            try:
-                scores = self._score_groups(batch)
-            except Exception as exc:
-                if not is_oom(exc) or self.batch_size == 1:
-                    raise
-                self._halve_batch(exc)
-                continue
-            start += count
+        for start, count, scores in self._halving(
+            len(groups),
+            lambda at: take_batch(groups, at, self.batch_size, self.loop.forward_tokens),
+            lambda at, n: self._score_groups(groups[at : at + n]),
+        ):
             if behind is not None:
                 yield from answer(*behind)
-            behind = (batch, scores)
+            behind = (groups[start : start + count], scores)
         if behind is not None:
             yield from answer(*behind)
         for at in range(0, len(packed.unpacked), self.batch_size):
