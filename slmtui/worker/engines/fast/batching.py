@@ -100,7 +100,7 @@ class _Sequence:
 class LoopSettings:
     check_every: int = 16
     """Decode steps between host checks (one synchronise each)."""
-    chunk_tokens: int = 512
+    chunk_tokens: int = 2048
     """Most prompt tokens of one row in one prefill forward."""
     forward_tokens: int = 16384
     """Most padded tokens (rows x width) in one prefill forward."""

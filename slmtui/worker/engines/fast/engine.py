@@ -67,7 +67,7 @@ CHECK_EVERY_TOKENS = 16
 """Decode steps between host-side stop checks (one device sync each)."""
 CAPACITY_STEP = 64
 """The KV cache's capacity (tokens per row) is rounded up to a multiple of this."""
-PREFILL_CHUNK_TOKENS = 512
+PREFILL_CHUNK_TOKENS = 2048
 """Most prompt tokens of one row in one prefill forward; a longer prompt takes several."""
 FORWARD_TOKENS = 16384
 """Most padded tokens in one prefill or log-likelihood forward (activation memory)."""
