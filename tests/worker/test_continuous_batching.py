@@ -233,3 +233,33 @@ def test_loglikelihood_out_of_memory_halves_the_rows_and_goes_on(tiny_model: tup
     assert any("out of memory at batch size 8" in n for n in engine.notes)
     for i in range(len(requests)):
         assert fast[i].response.logprobs == pytest.approx(plain[i].response.logprobs, abs=1e-4)
+
+
+def test_prepare_tokenises_in_batches_to_the_same_ids(tiny_model: tuple[Any, Any]):
+    """Ids from the batched tokenizer call in prepare equal one call per text."""
+    from slmtui.tasks.base import LoglikelihoodRequest
+
+    model, tokenizer = tiny_model
+    generate = [GenerateRequest(p, 3) for p in PROMPTS]
+    ll = [LoglikelihoodRequest("Answer: ", (" A", "B")), LoglikelihoodRequest("", ("Hi", " x"))]
+    prepared = PlainEngine(model, tokenizer, batch_size=2)
+    prepared.prepare(generate, ll)
+    calls: list[Any] = []
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(tokenizer, name)
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            calls.append(args)
+            return tokenizer(*args, **kwargs)
+
+    prepared.tokenizer = Counting()
+    fresh = PlainEngine(model, tokenizer, batch_size=2)
+    for request in generate:
+        assert prepared._encode(request.prompt) == fresh._encode(request.prompt)
+    for request in ll:
+        for continuation in request.continuations:
+            got = prepared.encode_pair(request.context, continuation)
+            assert got == fresh.encode_pair(request.context, continuation)
+    assert calls == []  # everything came from prepare

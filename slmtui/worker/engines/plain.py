@@ -96,12 +96,19 @@ class PlainEngine(Engine):
         generate: Sequence[GenerateRequest],
         loglikelihood: Sequence[LoglikelihoodRequest],
     ) -> None:
-        """Tokenise every prompt and (context, continuation) pair now, outside the window."""
-        for request in generate:
-            self._encode(request.prompt)
+        """Tokenise every prompt and (context, continuation) pair now, outside the window, in
+        one batched tokenizer call per kind (the same ids as one call per text)."""
+        texts: dict[bool, set[str]] = {True: {r.prompt for r in generate}, False: set()}
         for ll in loglikelihood:
             for continuation in ll.continuations:
-                self.encode_pair(ll.context, continuation)
+                for text, special in self._pair_texts(ll.context, continuation):
+                    texts[special].add(text)
+        for special, wanted in texts.items():
+            todo = sorted(t for t in wanted if (t, special) not in self._encoded)
+            if todo:
+                ids = self.tokenizer(todo, add_special_tokens=special)["input_ids"]
+                for text, row in zip(todo, ids, strict=True):
+                    self._encoded[(text, special)] = list(row)
 
     # -- warm-up --------------------------------------------------------------------------------
 
@@ -290,13 +297,23 @@ class PlainEngine(Engine):
             if prefix is None:
                 prefix = self.tokenizer.eos_token_id
             return [prefix], self._encode(continuation, special=False)
+        (whole_text, _), (context_text, _) = self._pair_texts(context, continuation)
+        whole = self._encode(whole_text)
+        context_ids = self._encode(context_text)
+        return whole[: len(context_ids)], whole[len(context_ids) :]
+
+    @staticmethod
+    def _pair_texts(context: str, continuation: str) -> list[tuple[str, bool]]:
+        """The texts ``encode_pair`` tokenises, with their special-tokens flag: the continuation
+        alone for an empty context, else context + continuation and the context, after the
+        context's trailing spaces moved to the continuation (lm-eval)."""
+        if not context:
+            return [(continuation, False)]
         n_spaces = len(context) - len(context.rstrip())
         if n_spaces:
             continuation = context[-n_spaces:] + continuation
             context = context[:-n_spaces]
-        whole = self._encode(context + continuation)
-        context_ids = self._encode(context)
-        return whole[: len(context_ids)], whole[len(context_ids) :]
+        return [(context + continuation, True), (context, True)]
 
     def _score_pairs(
         self, pairs: list[tuple[list[int], list[int]]]
