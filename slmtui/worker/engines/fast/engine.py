@@ -15,7 +15,7 @@ generate
 
 loglikelihood
     ``loglik``: packed shared-context rows, at most ``batch_size`` rows and
-    ``LOGLIK_FORWARD_TOKENS`` padded tokens a forward, log-probs gathered on the device, each
+    ``FORWARD_TOKENS`` padded tokens a forward, log-probs gathered on the device, each
     batch's results read one forward later. A request whose packed row would not fit the model's
     window is scored unpacked through ``plain``'s own path.
 
