@@ -5,8 +5,8 @@ Phases, each announced by ``RunProgress`` at least once a second (a heartbeat th
 loading    task data first (a bad file fails in a second, not after a model load), then the
            model and tokenizer (``load_s``; a first-time GGUF conversion included). The step
            under way is named in ``RunProgress.step``. Within one worker serving several runs of
-           one model (``Models``), later runs reuse the loaded model: their ``load_s`` is 0 and
-           ``model_reused`` says so.
+           one model (``Models``), later runs reuse the loaded model: their ``load_s`` holds only
+           their data and engine set-up, and ``model_reused`` says so.
 warmup     ``engine.prepare`` on every request (tokenising, sizing buffers; ``prepare_s``), then
            ``engine.warmup`` on the first ``WARMUP_REQUESTS`` (``warmup_s``), both outside the
            window.
@@ -238,7 +238,8 @@ def _run(
         models.keep(spec, loaded, run_id)
     else:
         notes.append(
-            f"model reused: loaded once by run {models.loaded_by} of this worker; load_s is 0"
+            f"model reused: loaded once by run {models.loaded_by} of this worker; load_s holds "
+            "no model load"
         )
     state.device = loaded.device
     if reused and loaded.device.type == "cuda":
@@ -248,7 +249,7 @@ def _run(
     engine = get_engine(spec.engine, notes)(
         loaded.model, loaded.tokenizer, batch_size=spec.batch_size
     )
-    load_s = 0.0 if reused else time.perf_counter() - load_started
+    load_s = time.perf_counter() - load_started
 
     state.phase, state.step = "warmup", STEP_TOKENISING
     started = time.perf_counter()

@@ -197,6 +197,7 @@ def test_the_real_worker_loads_the_model_once_for_two_tasks(
         with h.lock:
             results = {e.run_id: e.metrics for e in h.events if isinstance(e, RunFinished)}
         assert results[ids[0]]["model_reused"] is False and results[ids[0]]["load_s"] > 0
-        assert results[ids[1]]["model_reused"] is True and results[ids[1]]["load_s"] == 0.0
+        assert results[ids[1]]["model_reused"] is True
+        assert 0 < results[ids[1]]["load_s"] < results[ids[0]]["load_s"]  # no model load in it
     finally:
         h.close()
