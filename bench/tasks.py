@@ -28,7 +28,7 @@ time (200 HellaSwag items at 2,000 samples/s is a 0.1 s window). A task that fai
 with its error and the sweep goes on.
 
 Prints per task: rate (tokens/s for generation, samples/s for log-likelihood), mean GPU
-utilisation over the window, the measured window, load / warm-up / tokenising time, per-sequence
+utilisation over the measured window (NVML), the measured window, load / warm-up / tokenising time, per-sequence
 latency, accuracy; then the sweep's wall time against Σ measured windows + one model load (the
 issue-14 target: ≤ 1.3). JSON (rows, sweep, device, versions, date) goes to ``--out``.
 """
@@ -146,6 +146,10 @@ def run_task(spec: Any, models: Any) -> dict[str, Any]:
         assert metrics is not None
         row.update({k: metrics.get(k) for k in ROW_KEYS})
         row["hardware"] = metrics.get("hardware")
+        # NVML utilisation over the measured window only (gpu_util_mean_pct covers the whole
+        # run, load and warm-up included)
+        window = (metrics.get("telemetry") or {}).get("energy", {}).get("measured") or {}
+        row["window_gpu_util_pct"] = window.get("gpu_util_mean_pct")
     row["wall_s"] = time.perf_counter() - started
     steps = [e.step for e in events if getattr(e, "step", None)]
     row["loading_steps"] = list(dict.fromkeys(steps))
@@ -193,7 +197,7 @@ def print_report(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
         if target is not None and target[0] == unit:
             verdict = f"{'met' if rate >= target[1] else 'missed'} (>= {target[1]:,})"
         print(
-            f"{r['task']:<24} {rate:>10,.1f} {unit:<10} {_fmt(r['gpu_util_mean_pct'], '.0f'):>5} "
+            f"{r['task']:<24} {rate:>10,.1f} {unit:<10} {_fmt(r['window_gpu_util_pct'], '.0f'):>5} "
             f"{r['measured_s']:>8.3f} {r['load_s']:>6.2f} {r['warmup_s']:>6.2f} "
             f"{_fmt(r['prepare_s'], '.2f'):>5} {_fmt(r['ttft_p50_ms']):>7} "
             f"{_fmt(r['itl_p50_ms'], '.2f'):>6} {_fmt(r['accuracy'], '.3f'):>6}  {verdict}"
