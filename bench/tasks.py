@@ -28,9 +28,10 @@ time (200 HellaSwag items at 2,000 samples/s is a 0.1 s window). A task that fai
 with its error and the sweep goes on.
 
 Prints per task: rate (tokens/s for generation, samples/s for log-likelihood), mean GPU
-utilisation over the measured window (NVML), the measured window, load / warm-up / tokenising time, per-sequence
-latency, accuracy; then the sweep's wall time against Σ measured windows + one model load (the
-issue-14 target: ≤ 1.3). JSON (rows, sweep, device, versions, date) goes to ``--out``.
+utilisation over the measured window (NVML), the measured window, load / warm-up / tokenising
+time, per-sequence latency, accuracy; then the sweep's wall time against Σ measured windows +
+one model load (the issue-14 target: ≤ 1.3). JSON (rows, sweep, device, versions, date) goes
+to ``--out``.
 """
 
 from __future__ import annotations
