@@ -53,13 +53,24 @@ class RunMetrics:
     decode_tokens: int | None = None
     decode_tokens_per_s: float | None = None
     decode_ms_per_token: float | None = None
+    ttft_p50_ms: float | None = None
+    """Per-sequence time to first token, median, ms (continuous batching: from taking a slot)."""
+    ttft_p95_ms: float | None = None
+    itl_p50_ms: float | None = None
+    """Per-sequence inter-token latency (the mean gap between its tokens), median, ms."""
+    itl_p95_ms: float | None = None
     rank_measured_s: list[float] | None = None
     """Each rank's measured window, s (several processes)."""
 
     # -- time outside the window ------------------------------------------------------------------
     load_s: float | None = None
+    """Data, model and engine set-up; without the model load when ``model_reused``."""
     warmup_s: float | None = None
+    prepare_s: float | None = None
+    """Tokenising every request before the window (``Engine.prepare``)."""
     measured_s: float | None = None
+    model_reused: bool | None = None
+    """The worker kept the model loaded from an earlier run of its group."""
 
     # -- memory -----------------------------------------------------------------------------------
     peak_mem_mb: float | None = None
@@ -114,6 +125,9 @@ class RunMetrics:
     quantized_layers: int | None = None
     torchao_version: str | None = None
     batch_size: int | None = None
+    """Most sequences in flight (fast) or per batch (plain); what the engine chose for "auto"."""
+    batch_size_requested: int | str | None = None
+    """The spec's batch_size (an integer or "auto")."""
     num_fewshot: int | None = None
     max_new_tokens: int | None = None
     task_version: str | None = None

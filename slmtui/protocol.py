@@ -33,6 +33,10 @@ ERROR_REASONS: tuple[str, ...] = (
 )
 """``hung``: no event (not even the heartbeat) for the scheduler's grace; the scheduler stops it."""
 
+SERVE_GOES_ON_AFTER: tuple[str, ...] = ("bad_spec", "data_failed", "load_failed")
+"""Failures after which a worker serving a group of runs (``--serve``) takes the next run: they
+leave the process sound. After any other failure it exits and the group goes on in a fresh one."""
+
 
 @dataclass(frozen=True)
 class Event:
@@ -71,13 +75,17 @@ class RunProgress(Event):
     elapsed_s: float = 0.0
     """Seconds since the measured phase began (0 before it)."""
     tokens_per_s: float | None = None
-    """Generated tokens per second so far, over all the run's GPUs (not per GPU)."""
+    """Generated tokens per second so far, over all the run's GPUs (not per GPU); counted as the
+    engine generates them, not when a sample completes."""
     ms_per_token: float | None = None
     samples_per_s: float | None = None
     mem_mb: float | None = None
     """Current memory of the run: GPU memory when on GPU, else process RSS."""
     telemetry: dict[str, Any] = field(default_factory=dict)
     """Live GPU telemetry (utilisation %, power W, per-GPU memory MB) when NVML is available."""
+    step: str | None = None
+    """What the phase is doing now, in words (loading: "converting GGUF (one time)", "loading
+    weights"; warmup: "warming up / capturing graphs"); None when it does not say."""
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,9 @@ class RunSpec:
     parallel: Parallel = "tp"
     """How a run on several GPUs splits: tensor parallel ("tp") or one replica per GPU ("dp")."""
     dtype: Dtype = "auto"
-    batch_size: int = 8
+    batch_size: int | Literal["auto"] = 8
+    """Most sequences in flight (fast engine) or per batch (plain); "auto": the engine sizes it
+    from free memory and records its choice (profiles do not offer it yet)."""
     engine: Engine = "fast"
     data_dir: str | None = None
     timeout_s: float = 3600.0

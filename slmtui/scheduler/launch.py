@@ -99,14 +99,17 @@ def worker_command(
 class WorkerProcess:
     """One worker: its process, its session, its descendants, its stderr log."""
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(
+        self, argv: Sequence[str], env: Mapping[str, str], log_path: Path, *, serve: bool = False
+    ) -> None:
+        """``serve``: the worker takes more runs on its stdin (``send_run``)."""
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 list(argv),
                 env=dict(env),
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if serve else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=log,
                 start_new_session=True,
@@ -121,6 +124,24 @@ class WorkerProcess:
     def stdout(self) -> IO[bytes]:
         assert self.proc.stdout is not None
         return self.proc.stdout
+
+    def send_run(self, line: bytes) -> bool:
+        """Hand a serving worker its next run; False if its input is closed (it is going)."""
+        stdin = self.proc.stdin
+        if stdin is None or stdin.closed:
+            return False
+        try:
+            stdin.write(line)
+            stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+        return True
+
+    def end_input(self) -> None:
+        """No more runs: a serving worker exits after the one it is on."""
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.proc.stdin.close()
 
     def poll(self) -> int | None:
         return self.proc.poll()
@@ -169,6 +190,7 @@ class WorkerProcess:
         return log_tail(self.log_path)
 
     def close(self) -> None:
+        self.end_input()
         if self.proc.stdout is not None:
             with contextlib.suppress(OSError):
                 self.proc.stdout.close()

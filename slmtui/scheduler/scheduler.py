@@ -46,6 +46,7 @@ from slmtui.protocol import (
     is_malformed_event,
     parse_event,
 )
+from slmtui.scheduler import groups
 from slmtui.scheduler.gpus import Gpu, detect_gpus
 from slmtui.scheduler.launch import WorkerProcess, describe_exit, log_tail, worker_command
 from slmtui.scheduler.packing import Pending, check_fits, pack
@@ -121,6 +122,10 @@ class _Worker:
     non_event_lines: int = 0
     last_line_mono: float = 0.0
     malformed: str | None = None
+    launch_id: str = ""
+    """The run its process was started for (its reader's key); see ``groups``."""
+    serving: bool = False
+    handed_off: bool = False
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,7 @@ class Scheduler:
         tick_s: float = 0.1,
         handle_signals: bool = True,
         hang_grace_s: float = HANG_GRACE_S,
+        group_runs: bool | None = None,
     ) -> None:
         """
         ``inventory``: the GPUs to use (default: ``detect_gpus()``); empty means a CPU box.
@@ -170,7 +176,8 @@ class Scheduler:
         after its result before it is stopped (the result stands). ``hang_grace_s``: silence
         after which a worker is stopped as hung. ``handle_signals``: on
         ``start`` from the main thread, SIGINT/SIGTERM/SIGHUP stop every run before the app
-        goes (the previous handlers are chained).
+        goes (the previous handlers are chained). ``group_runs``: one worker serves the queued
+        runs of one model in turn (``groups``); default on with the real worker command.
         """
         self.store = store
         self.gpus: list[Gpu] = detect_gpus() if inventory is None else list(inventory)
@@ -184,6 +191,9 @@ class Scheduler:
         self.hang_grace_s = hang_grace_s
         self.store_error: str | None = None
         """The one-line reason the store refused a write; set once, then nothing launches."""
+        self.group_runs = command_factory is worker_command if group_runs is None else group_runs
+        self._alias: dict[str, str] = {}
+        """Launch run id -> the run its (serving) process is on now."""
 
         self._lock = threading.RLock()
         self._settled_cv = threading.Condition(self._lock)
@@ -352,7 +362,7 @@ class Scheduler:
         if isinstance(item, _Notify):
             out.events.append(item.event)
             return
-        worker = self._workers.get(item.run_id)
+        worker = self._workers.get(self._alias.get(item.run_id, item.run_id))
         if worker is None:
             return
         if isinstance(item, _Eof):
@@ -436,6 +446,10 @@ class Scheduler:
                 process.track_descendants()
                 worker.tracked_mono = now
             exited = process.poll() is not None
+            if worker.serving and worker.outcome is not None and not worker.handed_off:
+                worker.handed_off = True
+                if not exited and self._hand_off(worker):
+                    continue
             if exited and worker.exited_mono is None:
                 worker.exited_mono = now
             if exited and worker.eof:
@@ -461,6 +475,42 @@ class Scheduler:
                 process.kill()
                 worker.kill_at_mono = now + self.kill_grace_s  # again if something respawned
 
+    def _hand_off(self, worker: _Worker) -> bool:
+        """Give a serving worker whose run ended the next queued run of its group; True if it
+        took one (the ended run leaves ``_workers``), else its input is closed and it exits."""
+        following = None
+        if groups.goes_on(worker.outcome) and not self._stopping:
+            following = groups.next_in_group(self._pending, worker.spec)
+        if following is None or not worker.process.send_run(
+            groups.run_line(following.run_id, following.spec)
+        ):
+            worker.process.end_input()
+            return False
+        self._pending = [p for p in self._pending if p.run_id != following.run_id]
+        del self._workers[worker.run_id]
+        self._workers[following.run_id] = _Worker(
+            following.run_id,
+            following.spec,
+            worker.gpu_ids,
+            worker.process,
+            launched_mono=time.monotonic(),
+            eof=worker.eof,
+            tracked_mono=worker.tracked_mono,
+            launch_id=worker.launch_id,
+            serving=True,
+        )
+        self._alias[worker.launch_id] = following.run_id
+        if self._cpu_run == worker.run_id:
+            self._cpu_run = following.run_id
+        self._update(
+            following.run_id,
+            status="running",
+            gpu_ids=worker.gpu_ids,
+            launched_at=time.time(),
+            log_path=str(worker.process.log_path),
+        )
+        return True
+
     def _stop(self, worker: _Worker, reason: str | None) -> None:
         """SIGTERM the worker's tree; SIGKILL follows after the grace period."""
         if worker.kill_at_mono is not None:
@@ -478,6 +528,7 @@ class Scheduler:
         process.close()
         returncode = process.poll()
         del self._workers[worker.run_id]
+        self._alias.pop(worker.launch_id, None)
         if self._cpu_run == worker.run_id:
             self._cpu_run = None
         if worker.outcome is None:
@@ -542,7 +593,10 @@ class Scheduler:
         log_path = self.logs_dir / f"{run_id}.log"
         try:
             argv, env = self.command_factory(spec, run_id, gpu_ids)
-            process = WorkerProcess(argv, env, log_path)
+            if self.group_runs and groups.group_key(spec) is not None:
+                argv = groups.serving_argv(argv, gpu_ids)
+            serving = groups.serves(argv)
+            process = WorkerProcess(argv, env, log_path, serve=serving)
         except Exception as exc:
             event = RunFailed(
                 run_id, reason="crashed", message=f"could not start the worker: {exc}"
@@ -550,7 +604,13 @@ class Scheduler:
             self._commit(event, out)
             return
         self._workers[run_id] = _Worker(
-            run_id, spec, gpu_ids, process, launched_mono=time.monotonic()
+            run_id,
+            spec,
+            gpu_ids,
+            process,
+            launched_mono=time.monotonic(),
+            launch_id=run_id,
+            serving=serving,
         )
         if not gpu_ids:
             self._cpu_run = run_id

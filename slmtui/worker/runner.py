@@ -3,15 +3,25 @@
 Phases, each announced by ``RunProgress`` at least once a second (a heartbeat thread):
 
 loading    task data first (a bad file fails in a second, not after a model load), then the
-           model and tokenizer (``load_s``; a first-time GGUF conversion included).
-warmup     ``engine.warmup`` on the first ``WARMUP_REQUESTS`` requests (``warmup_s``).
+           model and tokenizer (``load_s``; a first-time GGUF conversion included). The step
+           under way is named in ``RunProgress.step``. Within one worker serving several runs of
+           one model (``Models``), later runs reuse the loaded model: their ``load_s`` holds only
+           their data and engine set-up, and ``model_reused`` says so.
+warmup     ``engine.prepare`` on every request (tokenising, sizing buffers; ``prepare_s``), then
+           ``engine.warmup`` on the first ``WARMUP_REQUESTS`` (``warmup_s``), both outside the
+           window.
 measuring  every request: a synchronised clock starts, the engine answers, each answer is scored
            and sent as ``SampleScored``, the clock stops after a final synchronise
-           (``measured_s``). Load and warm-up are never inside THR/LAT.
+           (``measured_s``). Load and warm-up are never inside THR/LAT. Live tokens/s counts the
+           tokens the engine has generated so far (``Engine.live_tokens``), not finished samples.
 
 THR / LAT (DESIGN.md): generate mode, THR = generated tokens/s ÷ max(gpus, 1) and LAT = ms per
 generated token over the window; loglikelihood mode, THR = samples/s ÷ max(gpus, 1) and LAT =
 ms per sample. ``tokens_per_s`` / ``samples_per_s`` are totals over the run's GPUs.
+
+Latency per sequence (generate mode): ``ttft_*_ms`` over the sequences' times to first token,
+``itl_*_ms`` over their mean inter-token latencies (``Completed``), p50 and p95 by linear
+interpolation between the closest ranks (``percentile``).
 
 MEM: with NVML telemetry (``slmtui.telemetry``, when present) its figure and source; otherwise on
 a GPU torch's peak reserved memory (``mem_source`` "torch_reserved": the CUDA context is not in
@@ -22,6 +32,7 @@ it), on the CPU the process's peak resident memory from the end of loading to th
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import resource
 import sys
@@ -77,22 +88,72 @@ class LiveState:
     """What the heartbeat reports; written by the main thread, read by the heartbeat."""
 
     phase: str = "loading"
+    step: str | None = None
     done: int = 0
     total: int = 0
     measure_started: float | None = None
     tokens_out: int = 0
+    engine: Engine | None = None
+    """While measuring: the engine whose ``live_tokens`` count generated tokens as they come."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def live_tokens(self) -> int:
+        engine = self.engine
+        return max(self.tokens_out, engine.live_tokens if engine is not None else 0)
+
+
+STEP_DATA = "reading task data"
+STEP_WARMUP = "warming up / capturing graphs"
+STEP_TOKENISING = "tokenising"
+
+
+class Models:
+    """One loaded model kept across the runs of one worker.
+
+    A worker serving several runs of one (model, dtype, engine, GPU count) group loads the model
+    once. Each run still builds its own engine (KV cache sized for its task, graphs captured in
+    its warm-up) after the previous one's memory is released and torch's peaks are reset, so
+    MEM is the run's own. Only single-process runs share (a torchrun job's process group lives
+    for one run).
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple[Any, ...] | None = None
+        self.loaded: LoadedModel | None = None
+        self.loaded_by: str | None = None
+
+    @staticmethod
+    def model_key(spec: RunSpec) -> tuple[Any, ...]:
+        return (spec.model.kind, spec.model.source, spec.dtype, spec.gpus, spec.parallel)
+
+    def take(self, spec: RunSpec) -> LoadedModel | None:
+        """The model loaded for an earlier run of the same model, else None (and forget it)."""
+        if self.key == self.model_key(spec) and self.loaded is not None:
+            return self.loaded
+        self.drop()
+        return None
+
+    def keep(self, spec: RunSpec, loaded: LoadedModel, run_id: str) -> None:
+        if spec.gpus > 1 or dist.dist_context().is_distributed:
+            return
+        self.key, self.loaded, self.loaded_by = self.model_key(spec), loaded, run_id
+
+    def drop(self) -> None:
+        self.key = self.loaded = self.loaded_by = None
 
 
 # -- entry point ----------------------------------------------------------------------------------
 
 
-def run_spec(spec: RunSpec, run_id: str, emit: Emit) -> dict[str, Any] | None:
+def run_spec(
+    spec: RunSpec, run_id: str, emit: Emit, models: Models | None = None
+) -> dict[str, Any] | None:
     """Run ``spec``, emitting events; return the metrics of ``RunFinished``.
 
     Under torchrun every rank calls this; rank 0 alone emits and gets the metrics, the other
     ranks get None. Raises RunError for classified failures, torch.OutOfMemoryError for OOM,
-    anything else for a crash; the caller turns them into ``RunFailed``.
+    anything else for a crash; the caller turns them into ``RunFailed``. ``models`` keeps the
+    loaded model for the worker's next run of the same model.
     """
     check_spec(spec)
     try:
@@ -108,7 +169,7 @@ def run_spec(spec: RunSpec, run_id: str, emit: Emit) -> dict[str, Any] | None:
         if ctx.is_primary:
             heartbeat.start()
         try:
-            metrics = _run(spec, run_id, emit, state, telemetry, ctx)
+            metrics = _run(spec, run_id, emit, state, telemetry, ctx, models or Models())
         finally:
             heartbeat.stop()
             report = telemetry.stop()
@@ -130,8 +191,8 @@ def check_spec(spec: RunSpec) -> None:
         problems.append(f"model.kind '{spec.model.kind}' (allowed: hub, local, gguf, pypi)")
     if not isinstance(spec.gpus, int) or spec.gpus < 0:
         problems.append(f"gpus {spec.gpus!r} (allowed: an integer >= 0)")
-    if not isinstance(spec.batch_size, int) or spec.batch_size < 1:
-        problems.append(f"batch_size {spec.batch_size!r} (allowed: an integer >= 1)")
+    if spec.batch_size != "auto" and (not isinstance(spec.batch_size, int) or spec.batch_size < 1):
+        problems.append(f"batch_size {spec.batch_size!r} (allowed: an integer >= 1, or auto)")
     if spec.dtype not in DTYPES:
         problems.append(f"dtype '{spec.dtype}' (allowed: {', '.join(DTYPES)})")
     if spec.engine not in ENGINES:
@@ -151,8 +212,10 @@ def _run(
     state: LiveState,
     telemetry: Telemetry,
     ctx: dist.DistContext,
+    models: Models,
 ) -> dict[str, Any] | None:
     load_started = time.perf_counter()
+    state.step = STEP_DATA
     try:
         task = get_task(spec.task)
         settings = resolve_settings(task, spec.options)
@@ -168,13 +231,40 @@ def _run(
     state.total = len(requests)
 
     notes: list[str] = []
-    loaded = _load(spec, ctx)
+    loaded = models.take(spec)
+    reused = loaded is not None
     if loaded is None:
-        return None  # a rank with no part in the run (layer-sharded on rank 0 alone)
+        loaded = _load(spec, ctx, state)
+        if loaded is None:
+            return None  # a rank with no part in the run (layer-sharded on rank 0 alone)
+        models.keep(spec, loaded, run_id)
+    else:
+        notes.append(
+            f"model reused: loaded once by run {models.loaded_by} of this worker; load_s holds "
+            "no model load"
+        )
     state.device = loaded.device
+    if reused and loaded.device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()  # the previous run's engine is gone: its cache too
+        torch.cuda.reset_peak_memory_stats(loaded.device)
     load_s = time.perf_counter() - load_started
 
     state.phase = "warmup"
+    prepare_s = 0.0
+
+    def prepare(engine: Engine) -> None:
+        """Tokenise and pack before the window (timed apart): once, or twice after a fallback."""
+        nonlocal prepare_s
+        state.step = STEP_TOKENISING
+        started = time.perf_counter()
+        engine.prepare(
+            [r for r in requests if isinstance(r, GenerateRequest)],
+            [r for r in requests if isinstance(r, LoglikelihoodRequest)],
+        )
+        prepare_s += time.perf_counter() - started
+        state.step = STEP_WARMUP
+
     warm = requests[:WARMUP_REQUESTS]
     started = time.perf_counter()
     chosen = start_engine(
@@ -182,13 +272,15 @@ def _run(
         loaded.model,
         loaded.tokenizer,
         batch_size=spec.batch_size,
+        prepare=prepare,
         warmup_generate=[r for r in warm if isinstance(r, GenerateRequest)],
         warmup_loglikelihood=[r for r in warm if isinstance(r, LoglikelihoodRequest)],
         notes=notes,
     )
     engine = chosen.engine
     _synchronize(loaded.device)
-    warmup_s = time.perf_counter() - started
+    warmup_s = time.perf_counter() - started - prepare_s
+    engine.live_tokens = 0
     rss_window = _reset_peak_rss()
 
     # This rank's share: every item (tp, one process) or items[rank::world] (dp).
@@ -203,7 +295,7 @@ def _run(
         item, request = data.items[completed.index], requests[completed.index]
         emit(_sample_event(run_id, completed, item, request, *result))
 
-    state.phase = "measuring"
+    state.phase, state.step, state.engine = "measuring", None, engine
     with dist.measured_window(ctx) as window:
         telemetry.begin_window(WINDOW)
         state.measure_started = time.perf_counter()
@@ -215,6 +307,7 @@ def _run(
             state.tokens_out += completed.tokens_out
             state.done = dist.job_progress(len(answered), len(requests), ctx, spec.parallel)
     telemetry.end_window(WINDOW)
+    state.engine = None
     timing = dist.reduce_timing(window.seconds, ctx, spec.parallel)
     everything = dist.gather_results([answered[k] for k in range(len(mine))], ctx, spec.parallel)
     if everything is None:
@@ -227,6 +320,8 @@ def _run(
     task_metrics = task.aggregate([scored[c.index][0] for c in completions])
     notes += getattr(engine, "notes", [])
     metrics = _timing_metrics(spec, settings.mode, completions, timing.measured_s)
+    if settings.mode == "generate":
+        metrics |= latency_metrics(completions)
     if settings.mode == "generate" and (ctx.world_size == 1 or spec.parallel != "dp"):
         # dp ranks prefill at the same time: their sum is not a share of the window.
         metrics |= _prefill_decode_split(completions, timing.measured_s)
@@ -234,7 +329,9 @@ def _run(
         accuracy=task_metrics.get(task.primary_metric),
         task_metrics=task_metrics,
         load_s=load_s,
+        model_reused=reused,
         warmup_s=warmup_s,
+        prepare_s=prepare_s,
         measured_s=timing.measured_s,
         n_samples=len(requests),
         n_errors=n_errors,
@@ -243,7 +340,8 @@ def _run(
         engine_requested=chosen.requested,
         engine_fallback=chosen.fallback,
         dtype=str(loaded.dtype).removeprefix("torch."),
-        batch_size=spec.batch_size,
+        batch_size=engine.batch_size if spec.batch_size == "auto" else spec.batch_size,
+        batch_size_requested=spec.batch_size,
         num_fewshot=settings.num_fewshot,
         max_new_tokens=settings.max_new_tokens if settings.mode == "generate" else None,
         task_version=task.version,
@@ -262,8 +360,12 @@ def _run(
     return metrics
 
 
-def _load(spec: RunSpec, ctx: dist.DistContext) -> LoadedModel | None:
+def _load(spec: RunSpec, ctx: dist.DistContext, state: LiveState) -> LoadedModel | None:
     """Load the model; classify what goes wrong (OOM propagates as itself)."""
+
+    def on_step(step: str) -> None:
+        state.step = step
+
     try:
         return load_model(
             spec.model,
@@ -272,6 +374,7 @@ def _load(spec: RunSpec, ctx: dist.DistContext) -> LoadedModel | None:
             parallel=spec.parallel,
             ctx=ctx,
             quantize=spec.quantize,
+            on_step=on_step,
         )
     except LoadError as exc:
         raise RunError("load_failed", str(exc)) from None
@@ -393,6 +496,35 @@ def _prefill_decode_split(completions: list[Completed], measured_s: float) -> di
     }
 
 
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) by linear interpolation between the closest ranks
+    (numpy's default); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def latency_metrics(completions: Sequence[Completed]) -> dict[str, Any]:
+    """Per-sequence time to first token and inter-token latency, p50 and p95, in ms.
+
+    Under continuous batching a sequence's TTFT runs from taking a slot to its first token; its
+    ITL is the mean gap between its consecutive tokens. Sequences without a value (one token,
+    or an engine that does not say) are left out of that statistic.
+    """
+    ttfts = [1000 * c.ttft_s for c in completions if c.ttft_s is not None]
+    itls = [1000 * c.itl_s for c in completions if c.itl_s is not None]
+    return {
+        "ttft_p50_ms": percentile(ttfts, 50),
+        "ttft_p95_ms": percentile(ttfts, 95),
+        "itl_p50_ms": percentile(itls, 50),
+        "itl_p95_ms": percentile(itls, 95),
+    }
+
+
 def _memory_metrics(device: torch.device, rss_window: bool) -> dict[str, Any]:
     if device.type == "cuda":
         peaks = dist.rank_memory_mb()  # summed over the GPUs this process used
@@ -490,11 +622,12 @@ class Heartbeat:
         tokens_per_s = ms_per_token = samples_per_s = None
         if s.phase == "measuring" and s.measure_started is not None:
             elapsed_s = time.perf_counter() - s.measure_started
+            tokens = s.live_tokens()
             if elapsed_s > 0:
                 samples_per_s = s.done / elapsed_s
-                if s.tokens_out:
-                    tokens_per_s = s.tokens_out / elapsed_s
-                    ms_per_token = 1000 * elapsed_s / s.tokens_out
+                if tokens:
+                    tokens_per_s = tokens / elapsed_s
+                    ms_per_token = 1000 * elapsed_s / tokens
         live = self.telemetry.snapshot()
         mem_mb = live.get("mem_mb") if live.get("mem_source") in NVML_MEM_SOURCES else None
         if mem_mb is None:
@@ -511,6 +644,7 @@ class Heartbeat:
             samples_per_s=samples_per_s,
             mem_mb=mem_mb,
             telemetry=live,
+            step=s.step,
         )
 
 

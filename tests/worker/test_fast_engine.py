@@ -140,8 +140,8 @@ def test_finished_rows_move_to_a_smaller_bucket_without_changing_the_rest(
     requests = [GenerateRequest(PROMPTS[i % 5] + str(i), n) for i, n in enumerate(budgets)]
     engine = FastEngine(model, tokenizer, batch_size=8, check_every_tokens=2)
     moves: list[int] = []
-    real = engine._move_rows_to_front
-    engine._move_rows_to_front = lambda rows: (moves.append(len(rows)), real(rows))[1]  # type: ignore[method-assign]
+    real = engine.move_rows_to_front
+    engine.move_rows_to_front = lambda rows: (moves.append(len(rows)), real(rows))[1]  # type: ignore[method-assign]
     fast = by_index(engine.generate(requests))
     plain = by_index(PlainEngine(model, tokenizer, batch_size=8).generate(requests))
     assert outputs(fast) == outputs(plain)

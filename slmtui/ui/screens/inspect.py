@@ -178,6 +178,14 @@ class InspectScreen(Screen[None]):
                     f"{num(value, 2, 's')} ({value / measured:.0%} of measured) · "
                     f"{num(m.get(rate), 1, rate_label)}",
                 )
+        for label, p50, p95 in (
+            ("time to first token", "ttft_p50_ms", "ttft_p95_ms"),
+            ("inter-token latency", "itl_p50_ms", "itl_p95_ms"),
+        ):
+            if m.get(p50) is not None:
+                timing.add_row(
+                    f"  {label}", f"p50 {num(m.get(p50), 2, 'ms')} · p95 {num(m.get(p95), 2, 'ms')}"
+                )
         parts += [
             Text("\nTiming (THR and LAT use the measured part only)", style="bold underline"),
             timing,

@@ -14,7 +14,7 @@ architecture, a transformers release that calls the cache differently), the run 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,12 +71,14 @@ def start_engine(
     model: Any,
     tokenizer: Any,
     *,
-    batch_size: int,
+    batch_size: int | str,
+    prepare: Callable[[Engine], None] | None = None,
     warmup_generate: Sequence[GenerateRequest] = (),
     warmup_loglikelihood: Sequence[LoglikelihoodRequest] = (),
     notes: list[str] | None = None,
 ) -> StartedEngine:
-    """The engine ``name`` for ``model``, warmed up on the given requests.
+    """The engine ``name`` for ``model``, prepared (``prepare(engine)``: the runner's tokenising
+    step, before the measured window) and warmed up on the given requests.
 
     ``fast`` that refuses the model or raises in its warm-up gives way to ``plain`` (noted); an
     out-of-memory error, or a failure of ``plain`` itself, propagates: those are the run's own.
@@ -92,6 +94,8 @@ def start_engine(
         if fallback is None:
             engine = engine_class(model, tokenizer, batch_size=batch_size)
             try:
+                if prepare is not None:
+                    prepare(engine)
                 engine.warmup(warmup_generate, warmup_loglikelihood)
                 return StartedEngine(engine, name)
             except Exception as exc:
@@ -105,6 +109,8 @@ def start_engine(
         notes.append(fallback)
         engine_class = get_engine("plain", notes)
     engine = engine_class(model, tokenizer, batch_size=batch_size)
+    if prepare is not None:
+        prepare(engine)
     engine.warmup(warmup_generate, warmup_loglikelihood)
     return StartedEngine(engine, name, fallback)
 

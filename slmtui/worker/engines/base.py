@@ -30,9 +30,14 @@ class Completed:
     tokens_in: int
     tokens_out: int
     ttft_s: float | None = None
-    """Seconds from the start of this request's batch to its first generated token."""
+    """Seconds from when the engine took this request up (its static batch started, or it took
+    a slot under continuous batching) to its first generated token."""
     batch: int | None = None
-    """Which engine batch answered it (requests of one batch share one prefill, ``ttft_s``)."""
+    """Which engine batch (or prefill group) gave its first token: requests of one batch share
+    one prefill, and ``ttft_s``."""
+    itl_s: float | None = None
+    """Mean seconds between its consecutive generated tokens (inter-token latency); None with
+    fewer than two tokens."""
 
 
 class Engine(ABC):
@@ -42,6 +47,16 @@ class Engine(ABC):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.live_tokens = 0
+        """Tokens generated so far (read by the progress heartbeat while the engine runs; may run
+        a few tokens ahead of the final counts, which come from ``Completed``)."""
+
+    def prepare(  # noqa: B027
+        self,
+        generate: Sequence[GenerateRequest],
+        loglikelihood: Sequence[LoglikelihoodRequest],
+    ) -> None:
+        """Work that belongs before the measured window (tokenising); timed apart."""
 
     def warmup(  # noqa: B027
         self,

@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -43,6 +43,11 @@ from slmtui.tasks.base import (
     LoglikelihoodResponse,
 )
 from slmtui.worker.engines.base import Completed, Engine
+
+AUTO_BATCH_SIZE_CPU = 8
+AUTO_BATCH_SIZE_GPU = 32
+"""``batch_size = "auto"`` where nothing better is known (plain; the fast engine's start)."""
+R = TypeVar("R")
 
 WARMUP_MAX_NEW_TOKENS = 8
 """Warm-up generations stop here: enough to touch every kernel of prefill and decode."""
@@ -66,17 +71,44 @@ def is_oom(exc: BaseException) -> bool:
 class PlainEngine(Engine):
     name = "plain"
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int) -> None:
-        super().__init__(model, tokenizer, batch_size=max(1, batch_size))
-        self.device = next(model.parameters()).device
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int | str) -> None:
+        device = next(model.parameters()).device
+        auto = batch_size == "auto"
+        if auto:
+            batch_size = AUTO_BATCH_SIZE_GPU if device.type == "cuda" else AUTO_BATCH_SIZE_CPU
+        super().__init__(model, tokenizer, batch_size=max(1, int(batch_size)))
+        self.device = device
         self.notes: list[str] = []
         """Facts for the result (e.g. a batch size halved after an OOM)."""
+        if auto and type(self) is PlainEngine:
+            self.notes.append(f"batch_size auto: the plain engine used {self.batch_size}")
         self.max_length = _model_max_length(model)
         eos = model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
         if tokenizer.eos_token_id is not None:
             eos_ids.append(tokenizer.eos_token_id)
         self.eos_ids: list[int] = sorted(set(eos_ids))
+        self._encoded: dict[tuple[str, bool], list[int]] = {}
+        """Token ids by (text, special tokens): ``prepare`` fills it before the window."""
+
+    def prepare(
+        self,
+        generate: Sequence[GenerateRequest],
+        loglikelihood: Sequence[LoglikelihoodRequest],
+    ) -> None:
+        """Tokenise every prompt and (context, continuation) pair now, outside the window, in
+        one batched tokenizer call per kind (the same ids as one call per text)."""
+        texts: dict[bool, set[str]] = {True: {r.prompt for r in generate}, False: set()}
+        for ll in loglikelihood:
+            for continuation in ll.continuations:
+                for text, special in self._pair_texts(ll.context, continuation):
+                    texts[special].add(text)
+        for special, wanted in texts.items():
+            todo = sorted(t for t in wanted if (t, special) not in self._encoded)
+            if todo:
+                ids = self.tokenizer(todo, add_special_tokens=special)["input_ids"]
+                for text, row in zip(todo, ids, strict=True):
+                    self._encoded[(text, special)] = list(row)
 
     # -- warm-up --------------------------------------------------------------------------------
 
@@ -112,19 +144,32 @@ class PlainEngine(Engine):
     ) -> Iterator[Completed]:
         """Answer the requests ``order`` lists, ``batch_size`` at a time, halving the batch
         size after an out-of-memory error. ``answer(batch)`` gives (row in batch, Completed)."""
+        for start, _size, done in self._halving(
+            len(order),
+            lambda at: self.batch_size,
+            lambda at, n: list(answer(order[at : at + n])),
+        ):
+            for row, completed in done:
+                yield replace(completed, index=order[start + row], batch=start)
+
+    def _halving(
+        self, total: int, size_at: Callable[[int], int], answer: Callable[[int, int], R]
+    ) -> Iterator[tuple[int, int, R]]:
+        """The one batching loop: (start, size, ``answer(start, size)``) over items 0..total-1,
+        ``size_at(start)`` items at a time; after an out-of-memory error the batch size halves
+        (``size_at`` reads it) and the same items are tried again, down to 1."""
         start = 0
-        while start < len(order):
-            batch = order[start : start + self.batch_size]
+        while start < total:
+            size = max(1, min(size_at(start), total - start))
             try:
-                done = list(answer(batch))
+                result = answer(start, size)
             except Exception as exc:
                 if not is_oom(exc) or self.batch_size == 1:
                     raise
                 self._halve_batch(exc)
                 continue
-            for row, completed in done:
-                yield replace(completed, index=batch[row], batch=start)
-            start += len(batch)
+            yield start, size, result
+            start += size
 
     def _generate_batch(
         self, requests: list[GenerateRequest], encoded: list[list[int]]
@@ -136,7 +181,7 @@ class PlainEngine(Engine):
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
         stopper = _StopCriteria(self.tokenizer, requests)
-        streamer = _FirstTokenStreamer()
+        streamer = _FirstTokenStreamer(self._count_generated)
         started = time.perf_counter()
         streamer.started = started
         with torch.inference_mode():
@@ -155,7 +200,11 @@ class PlainEngine(Engine):
                 top_k=None,
             )
         ttft_s = streamer.first_token_s
+        elapsed_s = time.perf_counter() - started
         new_tokens = output[:, input_ids.shape[1] :].tolist()
+        steps = len(new_tokens[0]) if new_tokens else 0
+        # every row gets one token per step of the batch: the step time is each row's ITL
+        itl_s = (elapsed_s - ttft_s) / (steps - 1) if ttft_s is not None and steps > 1 else None
         done = []
         for row, (request, ids) in enumerate(zip(requests, new_tokens, strict=True)):
             text, tokens_out = self._finish(request, ids, stopper.stopped_at[row])
@@ -166,9 +215,13 @@ class PlainEngine(Engine):
                     tokens_in=len(encoded[row]),
                     tokens_out=tokens_out,
                     ttft_s=ttft_s,
+                    itl_s=itl_s if tokens_out > 1 else None,
                 )
             )
         return done
+
+    def _count_generated(self, n: int) -> None:
+        self.live_tokens += n
 
     def _finish(
         self, request: GenerateRequest, ids: list[int], stopped_at: int | None
@@ -181,7 +234,7 @@ class PlainEngine(Engine):
                 end = pos + 1  # the EOS was generated: it counts, its text does not
                 break
         text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
-        cut = _first_stop(text, request.stop)
+        cut = first_stop(text, request.stop)
         if cut is None:
             return text, end
         tokens_out = stopped_at if stopped_at is not None else self._tokens_to_stop(ids, request)
@@ -193,7 +246,7 @@ class PlainEngine(Engine):
         while lo < hi:
             mid = (lo + hi) // 2
             text = self.tokenizer.decode(ids[:mid], skip_special_tokens=True)
-            if _first_stop(text, request.stop) is None:
+            if first_stop(text, request.stop) is None:
                 lo = mid + 1
             else:
                 hi = mid
@@ -214,17 +267,12 @@ class PlainEngine(Engine):
         for index, request in enumerate(requests):
             if not request.continuations:
                 yield Completed(index, LoglikelihoodResponse((), ()), 0, 0)
-        start = 0
-        while start < len(pairs):
-            batch = pairs[start : start + self.batch_size]
-            try:
-                scored = self._score_pairs([(p[2], p[3]) for p in batch])
-            except Exception as exc:
-                if not is_oom(exc) or self.batch_size == 1:
-                    raise
-                self._halve_batch(exc)
-                continue
-            start += len(batch)
+        for start, size, scored in self._halving(
+            len(pairs),
+            lambda at: self.batch_size,
+            lambda at, n: self._score_pairs([(p[2], p[3]) for p in pairs[at : at + n]]),
+        ):
+            batch = pairs[start : start + size]
             for (index, choice, _, _), (logprob, greedy, n_in) in zip(batch, scored, strict=True):
                 logprobs[index][choice] = (logprob, greedy)
                 tokens_in[index] += n_in
@@ -249,13 +297,23 @@ class PlainEngine(Engine):
             if prefix is None:
                 prefix = self.tokenizer.eos_token_id
             return [prefix], self._encode(continuation, special=False)
+        (whole_text, _), (context_text, _) = self._pair_texts(context, continuation)
+        whole = self._encode(whole_text)
+        context_ids = self._encode(context_text)
+        return whole[: len(context_ids)], whole[len(context_ids) :]
+
+    @staticmethod
+    def _pair_texts(context: str, continuation: str) -> list[tuple[str, bool]]:
+        """The texts ``encode_pair`` tokenises, with their special-tokens flag: the continuation
+        alone for an empty context, else context + continuation and the context, after the
+        context's trailing spaces moved to the continuation (lm-eval)."""
+        if not context:
+            return [(continuation, False)]
         n_spaces = len(context) - len(context.rstrip())
         if n_spaces:
             continuation = context[-n_spaces:] + continuation
             context = context[:-n_spaces]
-        whole = self._encode(context + continuation)
-        context_ids = self._encode(context)
-        return whole[: len(context_ids)], whole[len(context_ids) :]
+        return [(context + continuation, True), (context, True)]
 
     def _score_pairs(
         self, pairs: list[tuple[list[int], list[int]]]
@@ -298,7 +356,12 @@ class PlainEngine(Engine):
     # -- shared ---------------------------------------------------------------------------------
 
     def _encode(self, text: str, *, special: bool = True) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        key = (text, special)
+        ids = self._encoded.get(key)
+        if ids is None:
+            ids = list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+            self._encoded[key] = ids
+        return list(ids)
 
     def _halve_batch(self, exc: BaseException) -> None:
         old = self.batch_size
@@ -347,30 +410,34 @@ class _StopCriteria:
                 width = min(max(self.windows), generated)
                 tails = input_ids[:, -width:].tolist()
             text = self.tokenizer.decode(tails[row][-min(self.windows[row], generated) :])
-            if _first_stop(text, request.stop) is not None:
+            if first_stop(text, request.stop) is not None:
                 self.stopped_at[row] = generated
                 done[row] = True
         return done
 
 
 class _FirstTokenStreamer:
-    """Notes when ``generate`` hands out its first generated tokens (the second ``put``)."""
+    """Notes when ``generate`` hands out its first generated tokens (the second ``put``), and
+    counts every step's tokens as they come (``on_tokens``; rows already stopped included)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_tokens: Callable[[int], None] | None = None) -> None:
         self.started = time.perf_counter()
         self.puts = 0
         self.first_token_s: float | None = None
+        self.on_tokens = on_tokens
 
     def put(self, value: Any) -> None:
         self.puts += 1
         if self.puts == 2:
             self.first_token_s = time.perf_counter() - self.started
+        if self.puts >= 2 and self.on_tokens is not None:
+            self.on_tokens(int(value.shape[0]) if hasattr(value, "shape") else 1)
 
     def end(self) -> None:
         pass
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
     """Index of the earliest stop string in ``text``, or None."""
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
