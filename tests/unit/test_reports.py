@@ -387,3 +387,15 @@ def test_a_metric_column_reaches_every_export_from_the_stored_metrics(store: Sto
     document = json.loads(to_json(rows))
     assert {r["model"]: r["engine"] for r in document["rows"]} == {"a": "plain", "b": "fast"}
     assert document["units"]["engine_fallback"].startswith("why plain ran")
+
+
+def test_exports_carry_the_per_sequence_latency_of_each_run(store: Store):
+    finish(store, "run-a", "a", "gsm8k", metrics={"ttft_p50_ms": 12.5, "ttft_p95_ms": 40.0,
+                                                  "itl_p50_ms": 2.0})  # fmt: skip
+    finish(store, "run-b", "b", "gsm8k", throughput=200.0, latency_ms=5.0)
+    rows = compute_per(build_per_inputs(store.results()).inputs)
+    by_model = {r["model"]: r for r in json.loads(to_json(rows))["rows"]}
+    assert by_model["a"]["ttft_p50_ms"] == 12.5 and by_model["a"]["itl_p95_ms"] is None
+    assert by_model["b"]["ttft_p50_ms"] is None
+    table = {r["model"]: r for r in csv.DictReader(io.StringIO(to_csv(rows)))}
+    assert (table["a"]["ttft_p95_ms"], table["a"]["itl_p50_ms"]) == ("40", "2")

@@ -153,25 +153,3 @@ def test_warmup_and_loading_steps_reach_the_progress_event():
 
     again = parse_event(progress.to_json())
     assert isinstance(again, RunProgress) and again.step == progress.step
-
-
-def test_exports_carry_the_per_sequence_latency_of_each_run():
-    import csv
-    import io
-    import json
-
-    from slmtui.per import PerInput, compute_per
-    from slmtui.reports.export import to_csv, to_json
-
-    rows = compute_per(
-        [
-            PerInput("a", "gsm8k", 0.5, 100.0, 10.0, 500.0, key="run-a"),
-            PerInput("b", "gsm8k", 0.4, 200.0, 5.0, 600.0, key="run-b"),
-        ]
-    )
-    metrics = {"run-a": {"ttft_p50_ms": 12.5, "ttft_p95_ms": 40.0, "itl_p50_ms": 2.0}}
-    by_model = {r["model"]: r for r in json.loads(to_json(rows, metrics))}
-    assert by_model["a"]["ttft_p50_ms"] == 12.5 and by_model["a"]["itl_p95_ms"] is None
-    assert by_model["b"]["ttft_p50_ms"] is None
-    table = {r["model"]: r for r in csv.DictReader(io.StringIO(to_csv(rows, metrics)))}
-    assert (table["a"]["ttft_p95_ms"], table["a"]["itl_p50_ms"]) == ("40", "2")
