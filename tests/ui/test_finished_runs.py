@@ -52,3 +52,18 @@ def test_a_finished_run_counts_every_sample_even_when_the_console_attached_late(
     run.progress = RunProgress("r", phase="measuring", done=2, total=4)
     run.samples_done = 2
     assert RunsView.row_cells(run)[3] == "4/4"  # the result's n_samples (4), not the 2 seen
+
+
+def test_a_running_panel_names_the_step_under_way() -> None:
+    """The first run on a fresh box spends its load converting the GGUF: the panel says so."""
+    from rich.console import Console as RichConsole
+
+    from slmtui.protocol import RunProgress
+    from slmtui.ui.widgets.run_panel import RunPanel
+
+    run = LiveRun("r", spec("alpha-135m"), status="running")
+    run.progress = RunProgress("r", phase="loading", step="converting GGUF (one time)")
+    console = RichConsole(width=100, record=True, color_system=None)
+    console.print(RunPanel.render_run(run))
+    text = console.export_text()
+    assert "loading   CPU" in text and "· converting GGUF (one time)" in text

@@ -43,6 +43,9 @@ class RunPanel(Static):
         head.append(f"{run.phase:<9}", style="bold cyan")
         if spec is not None:
             head.append(f" {where(spec.gpus)} · {spec.dtype} · batch {spec.batch_size}")
+        step = run.progress.step if run.progress is not None else None
+        if step and run.status == "running":
+            head.append(f" · {step}", style="italic")  # e.g. "converting GGUF (one time)"
 
         bar = Table.grid(expand=True, padding=(0, 1))
         bar.add_column(ratio=1)
