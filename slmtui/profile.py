@@ -7,7 +7,7 @@ Schema (every key optional unless marked; unknown keys are errors)::
 
     [settings]                       # defaults for every run
     dtype = "auto"                   # auto | bfloat16 | float16 | float32
-    batch_size = 8                   # integer >= 1
+    batch_size = 8                   # integer >= 1, or "auto" (sized from free GPU memory)
     engine = "fast"                  # fast | plain
     gpus = [0]                       # GPU counts to run each model at: 0 (CPU), 1, 2, 4, 8
     parallel = "tp"                  # tp (tensor parallel) | dp (one replica per GPU)
@@ -75,7 +75,7 @@ class Settings:
     """Defaults for every run of a profile."""
 
     dtype: str = "auto"
-    batch_size: int = 8
+    batch_size: int | str = 8
     engine: str = "fast"
     gpus: tuple[int, ...] = (0,)
     """GPU counts to run each model at; 0 is the CPU."""
@@ -107,7 +107,7 @@ class ModelEntry:
     """Catalog name, hub id, local directory or ``.gguf`` file, as written."""
     gpus: tuple[int, ...] | None = None
     dtype: str | None = None
-    batch_size: int | None = None
+    batch_size: int | str | None = None
     engine: str | None = None
     parallel: str | None = None
     timeout_s: float | None = None
@@ -314,6 +314,19 @@ class _Checker:
             raise self.fail(where, f"{key} must be an integer >= {minimum}, got {_show(value)}")
         return value
 
+    def batch_size(self, table: Mapping[str, Any], where: str) -> int | str | None:
+        """An integer >= 1, or "auto" (the engine sizes it from free memory and says so)."""
+        if table.get("batch_size") == "auto":
+            return "auto"
+        value = table.get("batch_size")
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise self.fail(
+                where, f'batch_size must be an integer >= 1 or "auto", got {_show(value)}'
+            )
+        return value
+
     def positive(self, table: Mapping[str, Any], key: str, where: str) -> float | None:
         value = table.get(key)
         if value is None:
@@ -427,7 +440,7 @@ def _parse_settings(check: _Checker, table: dict[str, Any]) -> Settings:
     defaults = Settings()
     return Settings(
         dtype=check.choice(table, "dtype", where, DTYPES) or defaults.dtype,
-        batch_size=_first(check.integer(table, "batch_size", where, 1), defaults.batch_size),
+        batch_size=_first(check.batch_size(table, where), defaults.batch_size),
         engine=check.choice(table, "engine", where, ENGINES) or defaults.engine,
         gpus=check.gpus(table, where) or defaults.gpus,
         parallel=check.choice(table, "parallel", where, PARALLEL_MODES) or defaults.parallel,
@@ -472,7 +485,7 @@ def _parse_models(check: _Checker, value: Any, settings: Settings) -> tuple[Mode
             source=source,
             gpus=check.gpus(table, where),
             dtype=check.choice(table, "dtype", where, DTYPES),
-            batch_size=check.integer(table, "batch_size", where, 1),
+            batch_size=check.batch_size(table, where),
             engine=check.choice(table, "engine", where, ENGINES),
             parallel=check.choice(table, "parallel", where, PARALLEL_MODES),
             timeout_s=check.positive(table, "timeout_s", where),

@@ -14,7 +14,8 @@ from slmtui.profile import GPU_COUNTS, ModelEntry, Profile, Settings, TaskEntry
 from slmtui.spec import DTYPES, QUANTIZE, RunSpec, model_label
 from slmtui.tasks import TASK_NAMES, get_task
 
-BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+BATCH_SIZES: tuple[int | str, ...] = (1, 2, 4, 8, 16, 32, 64, "auto")
+"""The batch-size cycle in Pick (``b``); "auto": the engine sizes it from free memory."""
 """Batch sizes the Pick tab cycles through (a profile may hold any integer >= 1)."""
 
 
@@ -27,7 +28,7 @@ class ModelChoice:
     gpus: tuple[int, ...]
     """GPU counts to run at (0 = CPU), only counts the box has."""
     dtype: str
-    batch_size: int
+    batch_size: int | str
     selected: bool = True
     quantize: str = "none"
     """Weight-only quantisation: none, int8 or int4 (``slmtui.quantization``)."""
@@ -181,10 +182,12 @@ class Selection:
                 break
         return model.quantize
 
-    def cycle_batch_size(self, index: int) -> int:
+    def cycle_batch_size(self, index: int) -> int | str:
         model = self.models[index]
-        bigger = [b for b in BATCH_SIZES if b > model.batch_size]
-        model.batch_size = bigger[0] if bigger else BATCH_SIZES[0]
+        at = BATCH_SIZES.index(model.batch_size) if model.batch_size in BATCH_SIZES else -1
+        if at < 0:  # a size from the profile that is not in the cycle: the next bigger one
+            at = sum(1 for b in BATCH_SIZES if isinstance(b, int) and b <= model.batch_size) - 1
+        model.batch_size = BATCH_SIZES[(at + 1) % len(BATCH_SIZES)]
         return model.batch_size
 
     def cycle_mode(self, index: int) -> str:

@@ -171,7 +171,9 @@ def test_wrong_type_quotes_the_value(tmp_path: Path):
 
 def test_booleans_are_not_integers(tmp_path: Path):
     text = "[settings]\nbatch_size = true\n" + MINIMAL
-    assert error_of(tmp_path, text) == "[settings] batch_size must be an integer >= 1, got true"
+    assert error_of(tmp_path, text) == (
+        '[settings] batch_size must be an integer >= 1 or "auto", got true'
+    )
 
 
 def test_unknown_task_suggests_a_known_one(tmp_path: Path):
@@ -407,3 +409,26 @@ def test_paper_profile_places_models_by_size():
     assert gpus["Qwen/Qwen2.5-14B-Instruct"] == gpus["lmsys/vicuna-13b-v1.5"] == (2,)
     assert gpus["Qwen/Qwen2.5-32B-Instruct"] == (4,)
     assert gpus["Qwen/Qwen2.5-72B-Instruct"] == gpus["meta-llama/Llama-2-70b-chat-hf"] == (8,)
+
+
+def test_batch_size_may_be_auto_and_anything_else_is_one_line(tmp_path):
+    from slmtui.errors import UserError
+    from slmtui.profile import load_profile
+
+    path = tmp_path / "p.toml"
+    path.write_text(
+        '[settings]\nbatch_size = "auto"\n[[models]]\nsource = "smollm2-135m-instruct"\n'
+        'batch_size = 16\n[[models]]\nsource = "gemma-3-270m"\n[tasks.gsm8k]\n',
+        encoding="utf-8",
+    )
+    sizes = sorted((s.model.source, str(s.batch_size)) for s in load_profile(path).runs())
+    assert sizes == [("gemma-3-270m", "auto"), ("smollm2-135m-instruct", "16")]
+    path.write_text(
+        '[settings]\nbatch_size = "big"\n[[models]]\nsource = "smollm2-135m-instruct"\n'
+        "[tasks.gsm8k]\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(
+        UserError, match=r'\[settings\].*batch_size must be an integer >= 1 or "auto"'
+    ):
+        load_profile(path)
