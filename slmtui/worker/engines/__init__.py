@@ -2,10 +2,10 @@
 
 An engine module defines one ``Engine`` subclass whose class attribute ``name`` is its name.
 
-``get_engine("fast")`` falls back to ``plain`` only when ``engines/fast.py`` is missing, and
+``get_engine("fast")`` falls back to ``plain`` only when ``engines/fast/`` is missing, and
 says so in ``notes``; any other import error in it is a bug and propagates.
 
-``start_engine`` is how a run gets its engine: it builds and warms it up, and when the fast
+``start_engine`` is how a run gets its engine: it builds, prepares and warms it up; when the fast
 engine refuses the model (``support.fast_refusal``) or fails in its warm-up (an unknown
 architecture, a transformers release that calls the cache differently), the run goes on with
 ``plain``, before its measured window, and says why. One incompatibility never costs a sweep.
