@@ -119,6 +119,12 @@ class RunFailed(Event):
     message: str
     log_tail: str = ""
 
+    @property
+    def status(self) -> str:
+        """The run's final status: "cancelled" when it was stopped on purpose, else "failed".
+        The one place this rule is written (store, scheduler and console all read it)."""
+        return "cancelled" if self.reason == "cancelled" else "failed"
+
 
 @dataclass(frozen=True)
 class RunQueued(Event):

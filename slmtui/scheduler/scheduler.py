@@ -661,8 +661,7 @@ class Scheduler:
         if isinstance(event, RunFinished):
             self._update(event.run_id, status="finished", metrics=event.metrics, ended_at=event.t)
         else:
-            status = "cancelled" if event.reason == "cancelled" else "failed"
-            self._update(event.run_id, status=status, error=event, ended_at=event.t)
+            self._update(event.run_id, status=event.status, error=event, ended_at=event.t)
 
     def _deliver(self, events: list[Event]) -> None:
         if self.listener is None:

@@ -260,7 +260,7 @@ class Store:
                     ),
                 )
         elif isinstance(event, RunFailed):
-            status = "cancelled" if event.reason == "cancelled" else "failed"
+            status = event.status
             with self._transaction(durable=True) as conn:
                 self._require_run(conn, event.run_id)
                 conn.execute(

@@ -134,7 +134,7 @@ class Board:
             run.metrics = event.metrics
             run.ended_at = event.t
         elif isinstance(event, RunFailed):
-            run.status = "cancelled" if event.reason == "cancelled" else "failed"
+            run.status = event.status
             run.error = event
             run.ended_at = event.t
         else:
