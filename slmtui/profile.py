@@ -377,6 +377,44 @@ def _show(value: Any) -> str:
         return repr(value)
 
 
+def checked_runs(
+    profile: Profile,
+    *,
+    where: str,
+    limit: int | None = None,
+    data_dir: str | None = None,
+    timeout_s: float | None = None,
+    gpus_available: int | None = None,
+) -> list[RunSpec]:
+    """The driver core: a profile plus the command line's overrides as run specs, with every
+    check that can fail before a worker starts (``check_overrides``, ``check_runs``). The
+    headless run uses it; the console builds the same specs (``Selection.specs``) and runs
+    ``check_runs`` at launch."""
+    check_overrides(limit, timeout_s, data_dir)
+    specs = profile.runs(limit=limit, data_dir=data_dir, gpus_available=gpus_available)
+    check_runs(specs, where)
+    if timeout_s is not None:
+        specs = [replace(spec, timeout_s=float(timeout_s)) for spec in specs]
+    return specs
+
+
+def check_runs(specs: Iterable[RunSpec], where: str) -> None:
+    """What a worker would only find later, as one-line user errors before anything is
+    written: a hub model missing offline, a line of a local data file that breaks the task's
+    schema."""
+    from slmtui.catalog import hub_model_unavailable
+    from slmtui.tasks.data import check_local_data
+
+    specs = list(specs)
+    for source in dict.fromkeys(s.model.source for s in specs if s.model.kind == "hub"):
+        if (why := hub_model_unavailable(source)) is not None:
+            raise UserError(f"{where}: {why}")
+    for task, options, data_dir in dict.fromkeys(
+        (s.task, replace(s.options, limit=None), s.data_dir) for s in specs
+    ):
+        check_local_data(task, options, data_dir)
+
+
 def check_overrides(
     limit: int | None = None,
     timeout_s: float | None = None,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console, Group, RenderableType
@@ -26,7 +25,6 @@ from rich.text import Text
 from slmtui import paths
 from slmtui import profile as profiles
 from slmtui.carbon import Grid
-from slmtui.catalog import hub_model_unavailable
 from slmtui.errors import UserError
 from slmtui.per import automatic_rank_by, compute_per
 from slmtui.plan import plan_runs
@@ -36,7 +34,6 @@ from slmtui.scheduler import Gpu, RunState, Scheduler, check_fits, detect_gpus
 from slmtui.scheduler.scheduler import CommandFactory
 from slmtui.spec import RunSpec
 from slmtui.store import ResultRow, Store
-from slmtui.tasks.data import check_local_data
 
 _REFRESH_S = 0.25
 _TAIL_LINES = 6
@@ -97,31 +94,23 @@ def run_headless(
 
 def _load_specs(args: argparse.Namespace) -> tuple[list[RunSpec], str, Grid]:
     """The profile's runs with the command line's overrides; every check that can fail."""
-    limit = getattr(args, "limit", None)
-    timeout_s = getattr(args, "timeout", None)
-    data_dir = getattr(args, "data_dir", None)
-    profiles.check_overrides(limit, timeout_s, data_dir)
     if getattr(args, "db", None) and Path(args.db).expanduser().is_dir():
         raise UserError(f"--db {args.db}: is a directory; give a file path such as results.sqlite")
     path = getattr(args, "profile", None)
+    profiles.check_overrides(
+        getattr(args, "limit", None),
+        getattr(args, "timeout", None),
+        getattr(args, "data_dir", None),
+    )
     profile = profiles.load_profile(path) if path else profiles.embedded_default()
-    specs = profile.runs(limit=limit, data_dir=data_dir)
-    _check_models_and_data(specs, f"profile {path}" if path else "embedded profile")
-    if timeout_s is not None:
-        specs = [replace(spec, timeout_s=float(timeout_s)) for spec in specs]
+    specs = profiles.checked_runs(
+        profile,
+        where=f"profile {path}" if path else "embedded profile",
+        limit=getattr(args, "limit", None),
+        data_dir=getattr(args, "data_dir", None),
+        timeout_s=getattr(args, "timeout", None),
+    )
     return specs, f"profile {profile.name}", profile.settings.grid
-
-
-def _check_models_and_data(specs: Sequence[RunSpec], where: str) -> None:
-    """What a worker would only find later, as user errors before anything is written: a hub
-    model missing offline, a line of a local data file that breaks the task's schema."""
-    for source in dict.fromkeys(s.model.source for s in specs if s.model.kind == "hub"):
-        if (why := hub_model_unavailable(source)) is not None:
-            raise UserError(f"{where}: {why}")
-    for task, options, data_dir in dict.fromkeys(
-        (s.task, replace(s.options, limit=None), s.data_dir) for s in specs
-    ):
-        check_local_data(task, options, data_dir)
 
 
 def _plan_line(

@@ -11,7 +11,7 @@ here waits on a run.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -23,7 +23,7 @@ from textual.widgets import Footer, Static, TabbedContent, TabPane
 
 from slmtui.errors import UserError
 from slmtui.plan import plan_runs
-from slmtui.profile import Profile, save_profile
+from slmtui.profile import Profile, check_runs, save_profile
 from slmtui.protocol import Event, RunFailed, RunFinished
 from slmtui.scheduler import Gpu
 from slmtui.spec import RunSpec
@@ -148,6 +148,7 @@ class SlmApp(App[int]):
         timeout_s: float | None = None,
         export_dir: Path | None = None,
         progress_interval_s: float = 1.0,
+        preflight: Callable[[list[RunSpec], str], None] = check_runs,
     ) -> None:
         """``export_dir``: where exports and screenshots go by default (the working folder)."""
         super().__init__()
@@ -157,6 +158,9 @@ class SlmApp(App[int]):
         self.gpus = list(gpus)
         self.limit = limit
         self.export_dir = export_dir or Path.cwd()
+        self.preflight = preflight
+        """The checks a launch passes before anything is queued (``profile.check_runs``, the
+        headless run's: a hub model missing offline, a bad local data line)."""
         self.selection = Selection.from_profile(
             profile, gpus_available=len(self.gpus), data_dir=data_dir, timeout_s=timeout_s
         )
@@ -319,6 +323,8 @@ class SlmApp(App[int]):
 
         try:
             specs = self.selection.specs(limit=self.limit)
+            # the headless run's checks too: a hub model missing offline, a bad data line
+            self.preflight(specs, "selection")
         except UserError as exc:
             self.notify(str(exc), title="Cannot launch", severity="error", timeout=8)
             return

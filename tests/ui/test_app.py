@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from textual.widgets import DataTable, Input
-from ui_fixtures import T0, ScriptedScheduler, make_app, metrics, spec
+from ui_fixtures import T0, ScriptedScheduler, make_app, metrics, notices_of, spec
 
 from slmtui.profile import load_profile
 from slmtui.protocol import Event, RunFailed, RunFinished, RunProgress, RunStarted, SampleScored
@@ -556,3 +556,26 @@ async def test_no_color_is_honoured(
     async with app.run_test(size=SMALL):
         assert app.no_color
         assert any(type(f).__name__ == "Monochrome" for f in app._filters)
+
+
+async def test_launch_makes_the_headless_runs_checks_before_anything_is_queued(
+    store: Store, tmp_path: Path
+) -> None:
+    """A bad line in a local data file is the same one-line error as in `slmtui run`."""
+    from slmtui.profile import check_runs
+
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text('{"question": "2+2?", "answer": "#### 4"}\n{"question": 5}\n', encoding="utf-8")
+    toml = (
+        '[[models]]\nname = "tiny"\nsource = "' + str(tmp_path) + '"\n'
+        f'[tasks.gsm8k]\ndata_file = "{data}"\n'
+    )
+    scheduler = ScriptedScheduler(store)
+    app = make_app(store, scheduler, tmp_path=tmp_path, profile_toml=toml, preflight=check_runs)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await started(pilot)
+        await pilot.press("R")
+        await pilot.pause()
+        assert scheduler.submitted == []
+        notice = " ".join(notices_of(app))
+        assert "gsm8k.jsonl" in notice and "line 2" in notice

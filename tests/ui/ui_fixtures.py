@@ -167,8 +167,12 @@ def make_app(
     gpus: Sequence[Gpu] = (),
     tmp_path: Path | None = None,
     interval_s: float = 0.05,
+    profile_toml: str = PROFILE_TOML,
+    preflight: Any = None,
 ) -> SlmApp:
-    profile = parse_profile(PROFILE_TOML, label="fixture.toml", default_name="fixture")
+    """The console on the fixture profile. Its hub models are not cached here: launches skip
+    the hub check unless ``preflight`` is given (``profile.check_runs`` is the real one)."""
+    profile = parse_profile(profile_toml, label="fixture.toml", default_name="fixture")
     return SlmApp(
         store=store,
         scheduler=scheduler or ScriptedScheduler(store),
@@ -176,6 +180,7 @@ def make_app(
         gpus=gpus,
         export_dir=tmp_path,
         progress_interval_s=interval_s,
+        preflight=preflight or (lambda specs, where: None),
     )
 
 

@@ -66,7 +66,7 @@ class FakeProfile:
     def __init__(self, specs: list[RunSpec]) -> None:
         self.specs = specs
 
-    def runs(self, limit=None, data_dir=None) -> list[RunSpec]:
+    def runs(self, limit=None, data_dir=None, gpus_available=None) -> list[RunSpec]:
         out = [s.with_limit(limit) if limit else s for s in self.specs]
         return [replace(s, data_dir=str(data_dir)) if data_dir else s for s in out]
 
