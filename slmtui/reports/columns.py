@@ -21,8 +21,9 @@ def _extra(key: str) -> Callable[[PerRow], Any]:
     return lambda row: row.input.extra.get(key)
 
 
-def _grams(value: Any) -> str:
-    """gCO2e with 3 significant digits; "-" when absent (no energy measured, e.g. on CPU)."""
+def _significant(value: Any) -> str:
+    """3 significant digits (energy in J, gCO2e); "-" when absent (nothing measured, e.g. on
+    the CPU)."""
     return "-" if value is None else f"{value:.3g}"
 
 
@@ -108,18 +109,18 @@ REGISTRY: tuple[Col, ...] = (
     Col("energy_j", "Energy J",
         "J per unit of work (per generated token or per sample); total when unknown",
         lambda r: r.input.energy_j, HIGHER_IS_BETTER["energy"], short="Energy\nJ",
-        text=lambda v: "-" if v is None else f"{v:.3g}"),
+        text=_significant),
     Col("per", "PER", "the study's PER, 0..1 (min-max over the task's models)", lambda r: r.per,
         True),
     Col("rank", "#", "rank by the study's PER within the task (1 = best)", lambda r: r.rank),
     Col("pareto", "Pareto", "on the task's Pareto front (no row better on every factor)",
         lambda r: r.pareto),
-    Col("acc_n", "ACCn", _NORM, lambda r: r.acc_n, text=lambda v: "-" if v is None else f"{v:.2f}"),
-    Col("thr_n", "THRn", _NORM, lambda r: r.thr_n, text=lambda v: "-" if v is None else f"{v:.2f}"),
-    Col("lat_n", "LATn", _NORM, lambda r: r.lat_n, text=lambda v: "-" if v is None else f"{v:.2f}"),
-    Col("mem_n", "MEMn", _NORM, lambda r: r.mem_n, text=lambda v: "-" if v is None else f"{v:.2f}"),
+    Col("acc_n", "ACCn", _NORM, lambda r: r.acc_n, text=_fixed(2)),
+    Col("thr_n", "THRn", _NORM, lambda r: r.thr_n, text=_fixed(2)),
+    Col("lat_n", "LATn", _NORM, lambda r: r.lat_n, text=_fixed(2)),
+    Col("mem_n", "MEMn", _NORM, lambda r: r.mem_n, text=_fixed(2)),
     Col("energy_n", "En", _NORM, lambda r: r.energy_n,
-        text=lambda v: "-" if v is None else f"{v:.2f}"),
+        text=_fixed(2)),
     Col("per_rel", "PER-rel", "PER-rel, 0..1 (ratios to the task's best)", lambda r: r.per_rel,
         True),
     Col("rank_rel", "#", "rank by PER-rel within the task (1 = best)", lambda r: r.rank_rel),
@@ -135,13 +136,13 @@ REGISTRY: tuple[Col, ...] = (
         HIGHER_IS_BETTER["co2"]),
     Col("co2_n", "CO2n", _NORM, lambda r: r.co2_n),
     Col("co2_run_g", "CO2 g/run", "gCO2e over the run's measured window", _extra("co2_run_g"),
-        HIGHER_IS_BETTER["co2"], short="CO2\ng/run", text=_grams),
+        HIGHER_IS_BETTER["co2"], short="CO2\ng/run", text=_significant),
     Col("co2_per_1k_tokens_g", "CO2 g/1k tok",
         "gCO2e per 1,000 generated tokens (prompt tokens for loglikelihood)",
-        _extra("co2_per_1k_tokens_g"), HIGHER_IS_BETTER["co2"], text=_grams),
+        _extra("co2_per_1k_tokens_g"), HIGHER_IS_BETTER["co2"], text=_significant),
     Col("co2_per_correct_g", "CO2 g/correct", "gCO2e per correct answer",
         _extra("co2_per_correct_g"), HIGHER_IS_BETTER["co2"], short="CO2 g\n/correct",
-        text=_grams, md="CO2 (g/correct)"),
+        text=_significant, md="CO2 (g/correct)"),
     Col("run_id", "Run", "the stored run behind the row", _extra("run_id")),
     Col("ttft_p50_ms", "TTFT p50 ms", "time to first token per sequence, median, ms (generate)",
         _extra("ttft_p50_ms"), False, digits=1, metric="ttft_p50_ms"),

@@ -153,9 +153,9 @@ def to_markdown(rows: Sequence[PerRow], *, by: str = "per") -> str:
     named), then an overview across tasks."""
     label = SCORE_LABELS[by]
     lines: list[str] = ["# PER by task", "", f"Ranked by {label}. {PER_NOTE}", "", SCORES_NOTE, ""]
+    figures = columns.shown(columns.MARKDOWN_VIEW, rows)  # the same columns in every task
     for task, task_rows in group_by_task(rows).items():
         unit = common_unit(task_rows)
-        figures = columns.shown(columns.MARKDOWN_VIEW, rows)
         header = ["#", "Model", *(c.header(unit, style="md") for c in figures), "Pareto"]
         body = [
             [

@@ -32,7 +32,6 @@ it), on the CPU the process's peak resident memory from the end of loading to th
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import resource
 import sys
@@ -59,7 +58,7 @@ from slmtui.tasks.base import (
     Scored,
 )
 from slmtui.worker import distributed as dist
-from slmtui.worker.engines import start_engine
+from slmtui.worker.engines import release_device_memory, start_engine
 from slmtui.worker.engines.base import Completed, Engine
 from slmtui.worker.hardware import describe_hardware
 from slmtui.worker.loading import LoadedModel, LoadError, load_model
@@ -245,8 +244,7 @@ def _run(
         )
     state.device = loaded.device
     if reused and loaded.device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()  # the previous run's engine is gone: its cache too
+        release_device_memory(loaded.device)  # the previous run's engine is gone: its cache too
         torch.cuda.reset_peak_memory_stats(loaded.device)
     load_s = time.perf_counter() - load_started
 
@@ -337,7 +335,7 @@ def _run(
         n_errors=n_errors,
         mode=settings.mode,
         engine=engine.name,
-        engine_requested=chosen.requested,
+        engine_requested=spec.engine,
         engine_fallback=chosen.fallback,
         dtype=str(loaded.dtype).removeprefix("torch."),
         batch_size=engine.batch_size if spec.batch_size == "auto" else spec.batch_size,

@@ -60,8 +60,6 @@ class StartedEngine:
     """An engine built and warmed up, and what happened on the way."""
 
     engine: Engine
-    requested: str
-    """The engine the spec asked for."""
     fallback: str | None = None
     """Why the run runs ``plain`` instead of ``requested`` (one line), or None."""
 
@@ -97,14 +95,14 @@ def start_engine(
                 if prepare is not None:
                     prepare(engine)
                 engine.warmup(warmup_generate, warmup_loglikelihood)
-                return StartedEngine(engine, name)
+                return StartedEngine(engine)
             except Exception as exc:
                 if is_oom(exc):
                     raise
                 first = (str(exc).strip().splitlines() or [""])[0][:200]
                 fallback = f"it failed in its warm-up ({type(exc).__name__}: {first})"
             del engine
-            _release_device_memory(model)
+            release_device_memory(next(model.parameters()).device)
         fallback = f"fast engine: {fallback}; ran plain"
         notes.append(fallback)
         engine_class = get_engine("plain", notes)
@@ -112,15 +110,16 @@ def start_engine(
     if prepare is not None:
         prepare(engine)
     engine.warmup(warmup_generate, warmup_loglikelihood)
-    return StartedEngine(engine, name, fallback)
+    return StartedEngine(engine, fallback)
 
 
-def _release_device_memory(model: Any) -> None:
-    """Give back what a failed engine allocated (its KV cache, graph pools) before plain runs."""
+def release_device_memory(device: Any) -> None:
+    """Give back what an engine that is gone allocated (its KV cache, graph pools): before plain
+    replaces a failed fast engine, and before a reused model's next run builds its engine."""
     import gc
 
     import torch
 
     gc.collect()
-    if next(model.parameters()).device.type == "cuda":
+    if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -40,6 +40,12 @@ class Completed:
     fewer than two tokens."""
 
 
+def text_config(config: Any) -> Any:
+    """The decoder's config: multimodal configs nest it (``get_text_config``), text-only ones
+    are it."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 class Engine(ABC):
     name: ClassVar[str]
 

@@ -42,7 +42,7 @@ from slmtui.tasks.base import (
     LoglikelihoodRequest,
     LoglikelihoodResponse,
 )
-from slmtui.worker.engines.base import Completed, Engine
+from slmtui.worker.engines.base import Completed, Engine, text_config
 
 AUTO_BATCH_SIZE_CPU = 8
 AUTO_BATCH_SIZE_GPU = 32
@@ -461,10 +461,9 @@ def _pad(rows: list[list[int]], pad_id: int, *, left: bool) -> tuple[torch.Tenso
 
 def _model_max_length(model: Any) -> int:
     """The model's context window (positions it was trained on); 2048 when it does not say."""
-    config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    decoder = text_config(model.config)
     for key in ("max_position_embeddings", "n_positions", "seq_length"):
-        value = getattr(text_config, key, None)
+        value = getattr(decoder, key, None)
         if isinstance(value, int) and value > 0:
             return value
     return 2048

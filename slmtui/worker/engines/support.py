@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from slmtui.worker.engines.base import text_config
+
 FAST_FAMILIES: dict[str, str] = {
     "llama": "Llama (SmolLM2, Llama 2/3, Vicuna)",
     "mistral": "Mistral",
@@ -21,11 +23,6 @@ FAST_FAMILIES: dict[str, str] = {
     "phi3": "Phi-3 / Phi-3.5",
 }
 """``config.model_type`` -> family, for every family with a contract test."""
-
-
-def text_config(config: Any) -> Any:
-    """The decoder's config (multimodal configs nest it; text-only ones are it)."""
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def fast_refusal(model: Any) -> str | None:

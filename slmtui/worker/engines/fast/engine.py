@@ -41,7 +41,7 @@ from slmtui.tasks.base import (
     LoglikelihoodRequest,
     LoglikelihoodResponse,
 )
-from slmtui.worker.engines.base import Completed
+from slmtui.worker.engines.base import Completed, text_config
 from slmtui.worker.engines.fast.attention import (
     ATTENTION_NAME,
     DECODE_ATTENTIONS,
@@ -157,16 +157,12 @@ class FastEngine(PlainEngine):
         self._step_fn: Callable[[int], torch.Tensor] = self._step
         if compile_step:
             self._step_fn = torch.compile(self._step, dynamic=False)
-        text_config = (
-            model.config.get_text_config()
-            if hasattr(model.config, "get_text_config")
-            else model.config
-        )
-        self.decode_attention = self._choose_decode_attention(decode_attention, text_config)
-        layer_types = list(getattr(text_config, "layer_types", None) or [])
+        decoder = text_config(model.config)
+        self.decode_attention = self._choose_decode_attention(decode_attention, decoder)
+        layer_types = list(getattr(decoder, "layer_types", None) or [])
         self.sliding_window: int | None = None
         if "sliding_attention" in layer_types:
-            self.sliding_window = int(text_config.sliding_window)
+            self.sliding_window = int(decoder.sliding_window)
         self.layer_types = sorted(set(layer_types))
         params = inspect.signature(model.forward).parameters
         self._pass_cache_position = "cache_position" in params
@@ -627,8 +623,7 @@ class FastEngine(PlainEngine):
 
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes one sequence needs per token (every layer keeps a full slot row)."""
-        config = self.model.config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config(self.model.config)
         heads = int(text.num_attention_heads)
         kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
