@@ -217,10 +217,27 @@ def test_a_fast_engine_failing_in_warm_up_gives_way_to_plain(
     )
     assert started.engine.name == "plain"
     assert started.fallback == (
-        "fast engine: it failed in its warm-up (TypeError: SlotCache.update() got an "
+        "fast engine: it failed in its set-up (TypeError: SlotCache.update() got an "
         "unexpected keyword argument 'kwargs'); ran plain"
     )
     assert model.config._attn_implementation != "slmtui_fast_gqa"
+
+
+def test_a_fast_engine_that_cannot_even_be_built_gives_way_to_plain(
+    family_model: tuple[str, Any, Any], monkeypatch: pytest.MonkeyPatch
+):
+    """A transformers release that moved an API the engine uses when it is constructed."""
+    _, model, tokenizer = family_model
+
+    def refuse(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise ImportError("cannot import name 'AttentionInterface' from 'transformers'")
+
+    monkeypatch.setattr(FastEngine, "__init__", refuse)
+    started = start_engine(
+        "fast", model, tokenizer, batch_size=2, warmup_generate=[GenerateRequest("Hi", 2)]
+    )
+    assert started.engine.name == "plain"
+    assert started.fallback is not None and "ImportError: cannot import name" in started.fallback
 
 
 def test_out_of_memory_in_the_fast_warm_up_is_not_hidden_by_the_fallback(

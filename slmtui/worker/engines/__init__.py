@@ -90,8 +90,8 @@ def start_engine(
     if engine_class.name == "fast":
         fallback = fast_refusal(model)
         if fallback is None:
-            engine = engine_class(model, tokenizer, batch_size=batch_size)
             try:
+                engine = engine_class(model, tokenizer, batch_size=batch_size)
                 if prepare is not None:
                     prepare(engine)
                 engine.warmup(warmup_generate, warmup_loglikelihood)
@@ -100,8 +100,8 @@ def start_engine(
                 if is_oom(exc):
                     raise
                 first = (str(exc).strip().splitlines() or [""])[0][:200]
-                fallback = f"it failed in its warm-up ({type(exc).__name__}: {first})"
-            del engine
+                fallback = f"it failed in its set-up ({type(exc).__name__}: {first})"
+            engine = None  # what the failed engine held can go
             release_device_memory(next(model.parameters()).device)
         fallback = f"fast engine: {fallback}; ran plain"
         notes.append(fallback)
