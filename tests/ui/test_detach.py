@@ -263,6 +263,11 @@ async def test_quit_can_leave_the_runs_running_or_stop_them(store: Store, tmp_pa
             assert "Leave running" in text and "Stop runs" in text
             assert "1 run is queued or running" in text
             app.screen.dismiss(answer)
+            # the answer reaches the app after the prompt is gone: wait for the quit to start
+            for _ in range(100):
+                if app.stopping:
+                    break
+                await pilot.pause(0.05)
             await app.workers.wait_for_complete()
         assert scheduler.stopped is stops
         assert scheduler.shut_down  # detached either way
