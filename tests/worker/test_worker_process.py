@@ -253,7 +253,9 @@ def test_progress_every_second_and_sigterm_cancels_promptly(
         if proc.poll() is None:
             proc.kill()
     gaps = [(b.t - a.t, a.type, b.type) for a, b in itertools.pairwise(seen)]
-    assert max(gaps)[0] < 1.0, max(gaps)
+    # The heartbeat is once a second; a stalled one shows gaps of many seconds. The margin is for
+    # a box whose two cores are shared with other test runs (a 1.37 s gap was seen there).
+    assert max(gaps)[0] < 2.0, max(gaps)
     assert {e.phase for e in seen if e.type == "progress"} >= {"loading", "measuring"}
     assert all(e.total == 40 for e in measuring)
     assert returncode == 1
