@@ -21,6 +21,7 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 from textual.widgets import Footer, Static, TabbedContent, TabPane
 
+from slmtui.board import Board, RunState
 from slmtui.errors import UserError
 from slmtui.plan import plan_runs
 from slmtui.profile import Profile, check_runs, save_profile
@@ -28,7 +29,6 @@ from slmtui.protocol import Event, RunFailed, RunFinished
 from slmtui.scheduler import Gpu
 from slmtui.spec import RunSpec
 from slmtui.store import RunRow
-from slmtui.ui.board import Board, LiveRun
 from slmtui.ui.bridge import Bridge
 from slmtui.ui.messages import ProgressSnapshot, RunChanged
 from slmtui.ui.selection import Selection
@@ -625,6 +625,6 @@ class SlmApp(App[int]):
         ):
             yield SystemCommand(title, help_text, callback)
 
-    def live_runs(self) -> list[LiveRun]:
+    def live_runs(self) -> list[RunState]:
         """Every run the console shows (tests and the status line read it)."""
         return list(self.board.runs.values())
