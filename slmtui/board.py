@@ -58,10 +58,8 @@ class History:
     power_w: deque[float] = field(default_factory=_points)
 
     def copy(self) -> History:
-        return History(*(deque(d, maxlen=HISTORY_POINTS) for d in self._all()))
-
-    def _all(self) -> tuple[deque[float], ...]:
-        return (self.tokens_per_s, self.mem_mb, self.util_pct, self.power_w)
+        points = (self.tokens_per_s, self.mem_mb, self.util_pct, self.power_w)
+        return History(*(deque(d, maxlen=HISTORY_POINTS) for d in points))
 
 
 @dataclass
@@ -79,8 +77,8 @@ class RunState:
     the store does not know yet."""
     status: RunStatus = "queued"
     """queued, running, finished, failed or cancelled. The scheduler marks a run running when
-    it launches its worker; a board fed only by events (the console, the store) when the worker
-    says it started (``RunStarted``) or sends progress."""
+    it launches its worker; a board fed only by events (the console's) when the worker says it
+    started (``RunStarted``) or sends progress, the store at ``RunStarted``."""
     queued_at: float | None = None
     """Unix seconds (every time here is from the events or the scheduler, never a view's clock)."""
     launched_at: float | None = None
