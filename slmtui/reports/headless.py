@@ -5,6 +5,9 @@ checked before the store is opened, so a user error (exit 2) writes nothing. Liv
 to stderr (one row per run, about 4 refreshes a second; a line per run as it ends, which is all
 a non-terminal log shows); the PER tables and the failures go to stdout.
 
+The runs shown are the scheduler's board (``slmtui.board``: the same ``RunState``s, folded from
+the same events, that the console shows); the scheduler's listener says when one has ended.
+
 Exit codes: 0 every run finished (or was already stored), 1 some run failed or was cancelled,
 2 a user error, 130 interrupted (finished runs are kept; the rest are cancelled).
 """
@@ -12,8 +15,9 @@ Exit codes: 0 every run finished (or was already stored), 1 some run failed or w
 from __future__ import annotations
 
 import argparse
+import queue
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console, Group, RenderableType
@@ -24,13 +28,15 @@ from rich.text import Text
 
 from slmtui import paths
 from slmtui import profile as profiles
+from slmtui.board import RunState
 from slmtui.carbon import Grid
 from slmtui.errors import UserError
 from slmtui.per import automatic_rank_by, compute_per
 from slmtui.plan import plan_runs
+from slmtui.protocol import Event, RunFailed, RunFinished
 from slmtui.reports.commands import build_per_inputs
 from slmtui.reports.tables import render_per_tables
-from slmtui.scheduler import Gpu, RunState, Scheduler, check_fits, detect_gpus
+from slmtui.scheduler import Gpu, Scheduler, check_fits, detect_gpus
 from slmtui.scheduler.scheduler import CommandFactory
 from slmtui.spec import RunSpec
 from slmtui.store import ResultRow, Store
@@ -67,11 +73,12 @@ def run_headless(
         interrupted = False
         if plan.to_run:
             kwargs = {} if command_factory is None else {"command_factory": command_factory}
-            scheduler = Scheduler(store, inventory=gpus, **kwargs)
+            ended: queue.SimpleQueue[str] = queue.SimpleQueue()
+            scheduler = Scheduler(store, inventory=gpus, listener=_on_end(ended.put), **kwargs)
             try:
                 scheduler.submit(plan.to_run)
                 scheduler.start()
-                states = _watch(scheduler, err)
+                _watch(scheduler, ended, err)
             except KeyboardInterrupt:
                 interrupted = True
             finally:
@@ -123,17 +130,28 @@ def _plan_line(
     return f"{line} · {box} · store {db}"
 
 
-def _watch(scheduler: Scheduler, err: Console) -> list[RunState]:
-    """Live table until every run has ended; one printed line per run as it ends."""
-    reported: set[str] = set()
+def _on_end(tell: Callable[[str], object]) -> Callable[[Event], None]:
+    """A scheduler listener that tells ``tell`` the id of each run as it ends (once each: a
+    run ends exactly once, and the board holds it ended before the listener hears of it)."""
 
-    def report_ended() -> list[RunState]:
-        states = scheduler.snapshot()
-        for state in states:
-            if state.ended and state.run_id not in reported:
-                reported.add(state.run_id)
-                err.print(_ended_line(state))
-        return states
+    def listen(event: Event) -> None:
+        if isinstance(event, RunFinished | RunFailed):
+            tell(event.run_id)
+
+    return listen
+
+
+def _watch(scheduler: Scheduler, ended: queue.SimpleQueue[str], err: Console) -> None:
+    """Live table until every run has ended; one printed line per run as it ends."""
+
+    def report_ended() -> None:
+        while True:
+            try:
+                run = scheduler.state(ended.get_nowait())
+            except queue.Empty:
+                return
+            if run is not None:
+                err.print(_ended_line(run))
 
     with Live(
         get_renderable=lambda: progress_table(scheduler.snapshot()),
@@ -143,10 +161,10 @@ def _watch(scheduler: Scheduler, err: Console) -> list[RunState]:
     ):
         while not scheduler.wait(timeout=_REFRESH_S):
             report_ended()
-    return report_ended()
+    report_ended()
 
 
-def progress_table(states: Sequence[RunState], now: float | None = None) -> RenderableType:
+def progress_table(runs: Sequence[RunState], now: float | None = None) -> RenderableType:
     """One row per run: label, samples done/total, speed, latency, memory, accuracy, state."""
     now = time.time() if now is None else now
     table = Table(box=None, pad_edge=False, header_style="bold")
@@ -157,41 +175,35 @@ def progress_table(states: Sequence[RunState], now: float | None = None) -> Rend
     table.add_column("Mem MB", justify="right")
     table.add_column("Acc", justify="right")
     table.add_column("State")
-    for state in states:
+    for run in runs:
         table.add_row(
-            state.label,
-            _samples_cell(state),
-            *_speed_cells(state),
-            _memory_cell(state),
-            _accuracy_cell(state),
-            _state_cell(state, now),
+            run.label,
+            _samples_cell(run),
+            *_speed_cells(run),
+            _memory_cell(run),
+            _accuracy_cell(run),
+            _state_cell(run, now),
         )
-    done = sum(s.ended for s in states)
-    return Group(table, Text(f"{done}/{len(states)} runs ended", style="dim"))
+    ended = sum(run.ended for run in runs)
+    return Group(table, Text(f"{ended}/{len(runs)} runs ended", style="dim"))
 
 
-def _samples_cell(state: RunState) -> RenderableType:
-    progress = state.progress
-    total = progress.total if progress else 0
-    done = progress.done if progress else state.samples_done
-    if state.status == "finished":
-        n = state.metrics.get("n_samples") if state.metrics else None
-        done = total = n if isinstance(n, int) and n > 0 else max(done, total, 1)
+def _samples_cell(run: RunState) -> RenderableType:
+    done, total = run.done, run.total
+    if run.status == "finished":
+        done = total = max(done, total, 1)
     bar = ProgressBar(
-        total=total or None, completed=done, width=16, pulse=state.status == "running" and not total
+        total=total or None, completed=done, width=16, pulse=run.status == "running" and not total
     )
     return Group(bar, Text(f"{done}/{total or '?'}", style="dim")) if total else bar
 
 
-def _speed_cells(state: RunState) -> tuple[str, str]:
-    metrics = state.metrics
-    if metrics:
-        unit = metrics.get("throughput_unit") or ""
+def _speed_cells(run: RunState) -> tuple[str, str]:
+    if run.metrics:
+        unit = run.throughput_unit or ""
         per_item = "ms/sample" if unit == "samples/s" else "ms/token"
-        return _num(metrics.get("throughput"), f" {unit}".rstrip(), 1), _num(
-            metrics.get("latency_ms"), f" {per_item}", 1
-        )
-    progress = state.progress
+        return _num(run.throughput, f" {unit}".rstrip(), 1), _num(run.latency_ms, f" {per_item}", 1)
+    progress = run.progress
     if progress is None:
         return "", ""
     if progress.tokens_per_s is not None:
@@ -204,44 +216,41 @@ def _speed_cells(state: RunState) -> tuple[str, str]:
     return "", ""
 
 
-def _memory_cell(state: RunState) -> str:
-    if state.metrics:
-        return _num(state.metrics.get("peak_mem_mb"), "", 0)
-    return _num(state.progress.mem_mb if state.progress else None, "", 0)
+def _memory_cell(run: RunState) -> str:
+    if run.metrics:
+        return _num(run.memory_mb, "", 0)
+    return _num(run.progress.mem_mb if run.progress else None, "", 0)
 
 
-def _accuracy_cell(state: RunState) -> str:
-    return _num(state.metrics.get("accuracy") if state.metrics else None, "", 3)
+def _accuracy_cell(run: RunState) -> str:
+    return _num(run.accuracy, "", 3)
 
 
-def _state_cell(state: RunState, now: float) -> Text:
-    since = state.launched_at or state.queued_at
-    elapsed = f" {(state.ended_at or now) - since:.0f}s"
-    if state.status == "queued":
+def _state_cell(run: RunState, now: float) -> Text:
+    since = run.launched_at or run.queued_at or now
+    elapsed = f" {(run.ended_at or now) - since:.0f}s"
+    if run.status == "queued":
         return Text("queued", style="dim")
-    if state.status == "finished":
+    if run.status == "finished":
         return Text("✓ finished" + elapsed, style="green")
-    if state.status in ("failed", "cancelled"):
-        reason = state.error.reason if state.error else state.status
+    if run.ended:
+        reason = run.error.reason if run.error else run.status
         return Text(f"✗ {reason}" + elapsed, style="red")
-    if state.stopping:
-        return Text(f"stopping ({state.stopping})", style="yellow")
-    phase = state.progress.phase if state.progress else "starting"
-    return Text(phase + elapsed, style="cyan")
+    if run.stopping:
+        return Text(f"stopping ({run.stopping})", style="yellow")
+    return Text(run.phase + elapsed, style="cyan")
 
 
-def _ended_line(state: RunState) -> Text:
-    since = state.launched_at or state.queued_at
-    took = f" ({(state.ended_at or time.time()) - since:.0f} s)" if state.launched_at else ""
-    if state.status == "finished":
-        speed, latency = _speed_cells(state)
-        parts = [f"acc {_accuracy_cell(state)}", speed, latency, f"{_memory_cell(state)} MB"]
-        if (state.metrics or {}).get("engine_fallback"):
-            parts.append(f"ran {state.metrics['engine']}: {state.metrics['engine_fallback']}")
-        return Text(f"✓ {state.label}: " + ", ".join(p for p in parts if p.strip()) + took, "green")
-    error = state.error
-    why = f"{error.reason}: {error.message}" if error else state.status
-    return Text(f"✗ {state.label}: {why}{took}", style="red")
+def _ended_line(run: RunState) -> Text:
+    since = run.launched_at or run.queued_at or 0.0
+    took = f" ({(run.ended_at or time.time()) - since:.0f} s)" if run.launched_at else ""
+    if run.status == "finished":
+        speed, latency = _speed_cells(run)
+        parts = [f"acc {_accuracy_cell(run)}", speed, latency, f"{_memory_cell(run)} MB"]
+        if (run.metrics or {}).get("engine_fallback"):
+            parts.append(f"ran {run.metrics['engine']}: {run.metrics['engine_fallback']}")
+        return Text(f"✓ {run.label}: " + ", ".join(p for p in parts if p.strip()) + took, "green")
+    return Text(f"✗ {run.label}: {run.reason or run.status}{took}", style="red")
 
 
 def _print_per(results: list[ResultRow], out: Console, *, title: str, grid: Grid) -> None:
@@ -265,13 +274,11 @@ def _print_failures(failed: list[RunState], out: Console) -> None:
     if not failed:
         return
     out.print(Text(f"{len(failed)} run(s) did not finish:", style="bold red"))
-    for state in failed:
-        error = state.error
-        reason = f"{error.reason}: {error.message}" if error else state.status
-        out.print(Text(f"  ✗ {state.label} (run {state.run_id}) — {reason}", style="red"))
-        if state.log_path:
-            out.print(Text(f"    log: {state.log_path}", style="dim"))
-        tail = (error.log_tail if error else "").strip().splitlines()[-_TAIL_LINES:]
+    for run in failed:
+        out.print(Text(f"  ✗ {run.label} (run {run.run_id}) — {run.reason or run.status}", "red"))
+        if run.log_path:
+            out.print(Text(f"    log: {run.log_path}", style="dim"))
+        tail = (run.error.log_tail if run.error else "").strip().splitlines()[-_TAIL_LINES:]
         for line in tail:
             out.print(Text(f"    | {line}", style="dim"))
 

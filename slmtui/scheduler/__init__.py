@@ -3,13 +3,12 @@
 from slmtui.scheduler.gpus import Gpu, detect_gpus
 from slmtui.scheduler.launch import worker_command
 from slmtui.scheduler.packing import Assignment, Pending, check_fits, pack
-from slmtui.scheduler.scheduler import RunState, Scheduler
+from slmtui.scheduler.scheduler import Scheduler
 
 __all__ = [
     "Assignment",
     "Gpu",
     "Pending",
-    "RunState",
     "Scheduler",
     "check_fits",
     "detect_gpus",

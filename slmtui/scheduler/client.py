@@ -23,11 +23,12 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from slmtui.board import RunState
 from slmtui.errors import UserError
 from slmtui.protocol import ProtocolError, parse_event
 from slmtui.scheduler import wire
 from slmtui.scheduler.address import Address, service_address
-from slmtui.scheduler.scheduler import Listener, RunState
+from slmtui.scheduler.scheduler import Listener
 from slmtui.spec import RunSpec
 
 START_TIMEOUT_S = 60.0

@@ -33,16 +33,14 @@ from types import FrameType
 from typing import Any, Protocol
 
 from slmtui import paths
+from slmtui.board import Board, RunState
 from slmtui.errors import StoreWriteError
 from slmtui.protocol import (
     Event,
     ProtocolError,
     RunFailed,
     RunFinished,
-    RunProgress,
     RunQueued,
-    RunStarted,
-    SampleScored,
     is_malformed_event,
     parse_event,
 )
@@ -70,41 +68,6 @@ class EventStore(Protocol):
     def record(self, event: Event) -> None: ...
 
 
-@dataclass(frozen=True)
-class RunState:
-    """What the console shows for one submitted run."""
-
-    run_id: str
-    spec: RunSpec
-    status: str
-    """queued, running, finished, failed or cancelled."""
-    queued_at: float
-    """Unix seconds."""
-    gpu_ids: tuple[int, ...] = ()
-    launched_at: float | None = None
-    """Unix seconds when its worker process started."""
-    ended_at: float | None = None
-    progress: RunProgress | None = None
-    """The latest progress event."""
-    samples_done: int = 0
-    metrics: dict[str, Any] | None = None
-    """The result's metrics once finished."""
-    error: RunFailed | None = None
-    stopping: str | None = None
-    """"timeout" or "cancelled" while its processes are being stopped."""
-    non_event_lines: int = 0
-    """Lines on the worker's stdout that were not events (skipped, copied to the log)."""
-    log_path: str | None = None
-
-    @property
-    def label(self) -> str:
-        return self.spec.label
-
-    @property
-    def ended(self) -> bool:
-        return self.status in ("finished", "failed", "cancelled")
-
-
 @dataclass
 class _Worker:
     run_id: str
@@ -119,7 +82,6 @@ class _Worker:
     stop_reason: str | None = None
     kill_at_mono: float | None = None
     tracked_mono: float = 0.0
-    non_event_lines: int = 0
     last_line_mono: float = 0.0
     malformed: str | None = None
     launch_id: str = ""
@@ -199,7 +161,9 @@ class Scheduler:
         self._settled_cv = threading.Condition(self._lock)
         self._settled = True
         self._inbox: queue.Queue[_Line | _Eof | _Notify | None] = queue.Queue()
-        self._states: dict[str, RunState] = {}
+        self._board = Board()
+        """Every submitted run, folded from the events committed here plus what only the
+        scheduler knows (launch, GPUs, log, stopping); ``snapshot`` hands out copies."""
         self._pending: list[Pending] = []
         self._workers: dict[str, _Worker] = {}
         self._cpu_run: str | None = None
@@ -225,7 +189,7 @@ class Scheduler:
                 run_id = new_run_id()
                 now = time.time()
                 self.store.begin_run(run_id, spec)
-                self._states[run_id] = RunState(run_id, spec, "queued", queued_at=now)
+                self._board.add([RunState(run_id, spec, queued_at=now)])
                 self._pending.append(Pending(run_id, spec))
                 self._inbox.put(_Notify(RunQueued(run_id, spec=spec.to_dict(), t=now)))
                 run_ids.append(run_id)
@@ -238,9 +202,9 @@ class Scheduler:
         adopting the queue a dead scheduler left): ``(run_id, spec, queued_at)``."""
         with self._lock:
             for run_id, spec, queued_at in runs:
-                if run_id in self._states:
+                if run_id in self._board.runs:
                     continue
-                self._states[run_id] = RunState(run_id, spec, "queued", queued_at=queued_at)
+                self._board.add([RunState(run_id, spec, queued_at=queued_at)])
                 self._pending.append(Pending(run_id, spec))
                 self._inbox.put(_Notify(RunQueued(run_id, spec=spec.to_dict(), t=queued_at)))
                 self._settled = False
@@ -256,7 +220,7 @@ class Scheduler:
                         run_id, reason="cancelled", message="cancelled before it started"
                     )
                     self._record(event)
-                    self._end_state(event)
+                    self._board.apply(event)
                     self._inbox.put(_Notify(event))
                     return True
             worker = self._workers.get(run_id)
@@ -319,13 +283,14 @@ class Scheduler:
     # -- views --------------------------------------------------------------------------------
 
     def snapshot(self) -> list[RunState]:
-        """Every submitted run's state, in submission order."""
+        """Every submitted run's state (copies), in submission order."""
         with self._lock:
-            return list(self._states.values())
+            return self._board.snapshot()
 
     def state(self, run_id: str) -> RunState | None:
         with self._lock:
-            return self._states.get(run_id)
+            run = self._board.runs.get(run_id)
+            return run.copy() if run is not None else None
 
     # -- the scheduler thread -----------------------------------------------------------------
 
@@ -376,8 +341,7 @@ class Scheduler:
             return
         event = item.event
         if event is None or event.run_id != worker.run_id or isinstance(event, RunQueued):
-            worker.non_event_lines += 1
-            self._update(worker.run_id, non_event_lines=worker.non_event_lines)
+            self._board.stray_line(worker.run_id)
             return
         if worker.outcome is not None:
             return  # nothing changes a run after its result or error
@@ -391,30 +355,17 @@ class Scheduler:
         self._commit(event, out)
 
     def _commit(self, event: Event, out: _Outbox) -> None:
-        """Store first, then update the view, then (outside the lock) tell the listener."""
+        """Store first, then the board, then (outside the lock) tell the listener."""
         self._record(event)
-        if isinstance(event, RunStarted):
-            self._update(event.run_id, status="running")
-        elif isinstance(event, RunProgress):
-            self._update(event.run_id, progress=event)
-        elif isinstance(event, SampleScored):
-            state = self._states.get(event.run_id)
-            if state is not None:
-                self._update(event.run_id, samples_done=state.samples_done + 1)
-        elif isinstance(event, RunFinished | RunFailed):
-            self._end_state(event)
+        self._board.apply(event)
         out.events.append(event)
 
     def _with_reach(self, event: RunFailed) -> RunFailed:
         """An OOM after some samples says how far the run got (those samples are stored)."""
-        state = self._states.get(event.run_id)
-        if state is None:
+        run = self._board.runs.get(event.run_id)
+        if run is None or not run.done:
             return event
-        done = max(state.samples_done, state.progress.done if state.progress else 0)
-        total = state.progress.total if state.progress else 0
-        if not done:
-            return event
-        reach = f"reached {done} of {total or '?'} samples, which are stored"
+        reach = f"reached {run.done} of {run.total or '?'} samples, which are stored"
         return replace(event, message=f"{event.message} ({reach})")
 
     def _record(self, event: Event) -> None:
@@ -430,7 +381,7 @@ class Scheduler:
                     failed = RunFailed(
                         run.run_id, reason="cancelled", message=f"not started: {exc}"
                     )
-                    self._end_state(failed)
+                    self._board.apply(failed)
                     self._inbox.put(_Notify(failed))
                 for worker in self._workers.values():
                     if worker.outcome is None:
@@ -502,12 +453,11 @@ class Scheduler:
         self._alias[worker.launch_id] = following.run_id
         if self._cpu_run == worker.run_id:
             self._cpu_run = following.run_id
-        self._update(
+        self._board.launched(
             following.run_id,
-            status="running",
             gpu_ids=worker.gpu_ids,
-            launched_at=time.time(),
             log_path=str(worker.process.log_path),
+            t=time.time(),
         )
         return True
 
@@ -519,7 +469,7 @@ class Scheduler:
         worker.kill_at_mono = time.monotonic() + self.kill_grace_s
         worker.process.terminate()
         if reason is not None:
-            self._update(worker.run_id, stopping=reason)
+            self._board.stopping(worker.run_id, reason)
 
     def _finish(self, worker: _Worker, out: _Outbox) -> None:
         """The worker is gone: kill leftovers, record how the run ended, free its GPUs."""
@@ -614,13 +564,7 @@ class Scheduler:
         )
         if not gpu_ids:
             self._cpu_run = run_id
-        self._update(
-            run_id,
-            status="running",
-            gpu_ids=gpu_ids,
-            launched_at=time.time(),
-            log_path=str(log_path),
-        )
+        self._board.launched(run_id, gpu_ids=gpu_ids, log_path=str(log_path), t=time.time())
         reader = threading.Thread(
             target=self._read, args=(run_id, process), name=f"slmtui-read-{run_id}", daemon=True
         )
@@ -651,17 +595,6 @@ class Scheduler:
             self._inbox.put(_Eof(run_id))
 
     # -- helpers ------------------------------------------------------------------------------
-
-    def _update(self, run_id: str, **changes: Any) -> None:
-        state = self._states.get(run_id)
-        if state is not None:
-            self._states[run_id] = replace(state, **changes)
-
-    def _end_state(self, event: RunFinished | RunFailed) -> None:
-        if isinstance(event, RunFinished):
-            self._update(event.run_id, status="finished", metrics=event.metrics, ended_at=event.t)
-        else:
-            self._update(event.run_id, status=event.status, error=event, ended_at=event.t)
 
     def _deliver(self, events: list[Event]) -> None:
         if self.listener is None:

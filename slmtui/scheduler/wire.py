@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from slmtui.board import RunState
 from slmtui.protocol import (
     PROTOCOL_VERSION,
     Event,
@@ -23,7 +24,6 @@ from slmtui.protocol import (
     RunStarted,
     parse_event,
 )
-from slmtui.scheduler.scheduler import RunState
 from slmtui.spec import RunSpec
 
 SERVICE_TYPES = ("reply", "attached", "notice")
@@ -45,19 +45,22 @@ def event_line(event: Event) -> bytes:
 
 
 def state_to_dict(state: RunState) -> dict[str, Any]:
-    """A RunState as JSON-ready data (events kept in their wire form)."""
+    """A scheduler's RunState (its spec always known) as JSON-ready data, events kept in their
+    wire form; the sparkline history is not sent."""
     return {
         "run_id": state.run_id,
-        "spec": state.spec.to_dict(),
+        "spec": state.spec.to_dict(),  # type: ignore[union-attr]
         "status": state.status,
         "queued_at": state.queued_at,
         "gpu_ids": list(state.gpu_ids),
         "launched_at": state.launched_at,
+        "started_at": state.started_at,
         "ended_at": state.ended_at,
         "progress": json.loads(state.progress.to_json()) if state.progress else None,
         "samples_done": state.samples_done,
         "metrics": state.metrics,
         "error": json.loads(state.error.to_json()) if state.error else None,
+        "hardware": state.hardware,
         "stopping": state.stopping,
         "non_event_lines": state.non_event_lines,
         "log_path": state.log_path,
@@ -74,11 +77,13 @@ def state_from_dict(d: dict[str, Any]) -> RunState:
         queued_at=d["queued_at"],
         gpu_ids=tuple(d.get("gpu_ids") or ()),
         launched_at=d.get("launched_at"),
+        started_at=d.get("started_at"),
         ended_at=d.get("ended_at"),
         progress=progress if isinstance(progress, RunProgress) else None,
         samples_done=d.get("samples_done", 0),
         metrics=d.get("metrics"),
         error=error if isinstance(error, RunFailed) else None,
+        hardware=d.get("hardware") or {},
         stopping=d.get("stopping"),
         non_event_lines=d.get("non_event_lines", 0),
         log_path=d.get("log_path"),
@@ -87,11 +92,13 @@ def state_from_dict(d: dict[str, Any]) -> RunState:
 
 def replay(state: RunState) -> list[Event]:
     """Events that bring a view that has never seen a run to its state now (a late client):
-    queued, started, the latest progress, and how it ended."""
-    spec = state.spec.to_dict()
-    events: list[Event] = [RunQueued(state.run_id, spec=spec, t=state.queued_at)]
+    queued, started, the latest progress, and how it ended (a scheduler's run: spec known)."""
+    spec = state.spec.to_dict()  # type: ignore[union-attr]
+    events: list[Event] = [RunQueued(state.run_id, spec=spec, t=state.queued_at or 0.0)]
     if state.launched_at is not None:
-        events.append(RunStarted(state.run_id, spec=spec, pid=0, t=state.launched_at))
+        events.append(
+            RunStarted(state.run_id, spec=spec, pid=0, hardware=state.hardware, t=state.launched_at)
+        )
     if state.progress is not None:
         events.append(state.progress)
     if state.status == "finished":

@@ -12,7 +12,6 @@ The connection is shared by all threads of the process behind a lock.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sqlite3
 import threading
@@ -21,11 +20,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import psutil
 
 from slmtui import paths
+from slmtui.board import RUN_STATUSES, TERMINAL_STATUSES, RunState, finite
 from slmtui.errors import StoreWriteError, UserError
 from slmtui.protocol import (
     Event,
@@ -39,51 +39,8 @@ from slmtui.protocol import (
 from slmtui.spec import RunSpec
 from slmtui.store.schema import SCHEMA_VERSION, migrate
 
-RunStatus = Literal["queued", "running", "finished", "failed", "cancelled"]
-RUN_STATUSES: tuple[str, ...] = ("queued", "running", "finished", "failed", "cancelled")
-TERMINAL_STATUSES: tuple[str, ...] = ("finished", "failed", "cancelled")
-
 _BUSY_TIMEOUT_S = 30.0
 _APP_START_TOLERANCE_S = 0.5
-
-
-@dataclass(frozen=True)
-class RunRow:
-    """One run as stored, in any status. Metric columns are ``None`` until it finishes."""
-
-    run_id: str
-    run_key: str
-    model: str
-    task: str
-    gpus: int
-    engine: str
-    status: RunStatus
-    spec: RunSpec
-    queued_at: float
-    """Unix seconds when the run was submitted."""
-    started_at: float | None
-    """Unix seconds when the worker reported it was alive."""
-    finished_at: float | None
-    """Unix seconds when the run ended (finished, failed or cancelled)."""
-    hardware: dict[str, Any] = field(default_factory=dict)
-    accuracy: float | None = None
-    throughput: float | None = None
-    """THR per GPU (CPU counts as one), in ``throughput_unit``."""
-    throughput_unit: str | None = None
-    latency_ms: float | None = None
-    """ms per generated token (generate) or per sample (loglikelihood)."""
-    memory_mb: float | None = None
-    """Peak memory of the run in MB (``metrics['mem_source']`` says which counter)."""
-    energy_j: float | None = None
-    """Energy over the measured window in J; ``None`` on CPU."""
-    metrics: dict[str, Any] = field(default_factory=dict)
-    error_reason: str | None = None
-    error_message: str | None = None
-    log_tail: str | None = None
-
-    @property
-    def label(self) -> str:
-        return self.spec.label
 
 
 @dataclass(frozen=True)
@@ -249,12 +206,12 @@ class Store:
                     " WHERE run_id = ? AND status IN ('queued', 'running')",
                     (
                         event.t,
-                        _number(m.get("accuracy")),
-                        _number(m.get("throughput")),
+                        finite(m.get("accuracy")),
+                        finite(m.get("throughput")),
                         m.get("throughput_unit"),
-                        _number(m.get("latency_ms")),
-                        _number(m.get("peak_mem_mb")),
-                        _number(m.get("energy_j")),
+                        finite(m.get("latency_ms")),
+                        finite(m.get("peak_mem_mb")),
+                        finite(m.get("energy_j")),
                         _dumps(m),
                         event.run_id,
                     ),
@@ -306,7 +263,7 @@ class Store:
                 marked.append(run_id)
         return marked
 
-    def adopt_queued(self) -> list[RunRow]:
+    def adopt_queued(self) -> list[RunState]:
         """Take over queued runs whose owner is gone (the service after a crash or a reboot):
         they now belong to this process, which runs them. Oldest first."""
         with self._transaction(durable=True) as conn:
@@ -350,7 +307,7 @@ class Store:
         )
         return [_result_row(r) for r in self._select(sql, params)]
 
-    def runs(self, statuses: Sequence[str] | None = None) -> list[RunRow]:
+    def runs(self, statuses: Sequence[str] | None = None) -> list[RunState]:
         """Every run (or only those in ``statuses``), oldest first."""
         sql = "SELECT * FROM runs"
         params: list[Any] = []
@@ -358,11 +315,11 @@ class Store:
             sql += f" WHERE status IN ({', '.join('?' * len(statuses))})"
             params.extend(statuses)
         sql += " ORDER BY queued_at, rowid"
-        return [_run_row(r) for r in self._select(sql, params)]
+        return [_run_state(r) for r in self._select(sql, params)]
 
-    def run(self, run_id: str) -> RunRow | None:
+    def run(self, run_id: str) -> RunState | None:
         rows = self._select("SELECT * FROM runs WHERE run_id = ?", [run_id])
-        return _run_row(rows[0]) if rows else None
+        return _run_state(rows[0]) if rows else None
 
     def samples(self, run_id: str) -> list[SampleRow]:
         with self._lock:
@@ -559,14 +516,6 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def _number(value: Any) -> float | None:
-    """A finite float for a flat metric column, else None (missing, NaN, not a number)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 def _loads(text: str | None) -> dict[str, Any]:
     return json.loads(text) if text else {}
 
@@ -635,30 +584,28 @@ def _import_row(record: Mapping[str, Any], where: str) -> dict[str, Any]:
     return row
 
 
-def _run_row(r: dict[str, Any]) -> RunRow:
-    return RunRow(
+def _run_state(r: dict[str, Any]) -> RunState:
+    """A runs-table row as the run's state (its figures read from ``metrics``, which the flat
+    columns copy for SQL)."""
+    error = None
+    if r["error_reason"] is not None:
+        error = RunFailed(
+            r["run_id"],
+            reason=r["error_reason"],
+            message=r["error_message"] or "",
+            log_tail=r["log_tail"] or "",
+            t=r["finished_at"] or 0.0,
+        )
+    return RunState(
         run_id=r["run_id"],
-        run_key=r["run_key"],
-        model=r["model"],
-        task=r["task"],
-        gpus=r["gpus"],
-        engine=r["engine"],
-        status=r["status"],
         spec=RunSpec.from_json(r["spec_json"]),
+        status=r["status"],
         queued_at=r["queued_at"],
         started_at=r["started_at"],
-        finished_at=r["finished_at"],
+        ended_at=r["finished_at"],
+        metrics=json.loads(r["metrics_json"]) if r["metrics_json"] else None,
+        error=error,
         hardware=_loads(r["hardware_json"]),
-        accuracy=r["accuracy"],
-        throughput=r["throughput"],
-        throughput_unit=r["throughput_unit"],
-        latency_ms=r["latency_ms"],
-        memory_mb=r["memory_mb"],
-        energy_j=r["energy_j"],
-        metrics=_loads(r["metrics_json"]),
-        error_reason=r["error_reason"],
-        error_message=r["error_message"],
-        log_tail=r["log_tail"],
     )
 
 

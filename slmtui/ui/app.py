@@ -21,14 +21,13 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 from textual.widgets import Footer, Static, TabbedContent, TabPane
 
+from slmtui.board import Board, RunState
 from slmtui.errors import UserError
 from slmtui.plan import plan_runs
 from slmtui.profile import Profile, check_runs, save_profile
 from slmtui.protocol import Event, RunFailed, RunFinished
 from slmtui.scheduler import Gpu
 from slmtui.spec import RunSpec
-from slmtui.store import RunRow
-from slmtui.ui.board import Board, LiveRun
 from slmtui.ui.bridge import Bridge
 from slmtui.ui.messages import ProgressSnapshot, RunChanged
 from slmtui.ui.selection import Selection
@@ -66,8 +65,8 @@ class StoreLike(Protocol):
 
     def completed_keys(self) -> set[str]: ...
     def results(self) -> list[Any]: ...
-    def runs(self) -> list[RunRow]: ...
-    def run(self, run_id: str) -> RunRow | None: ...
+    def runs(self) -> list[RunState]: ...
+    def run(self, run_id: str) -> RunState | None: ...
     def samples(self, run_id: str) -> list[Any]: ...
     def export_runs(self, run_ids: Any = None) -> dict[str, dict[str, Any]]: ...
 
@@ -236,25 +235,7 @@ class SlmApp(App[int]):
         return f"profile {self.profile.name} · {box} · store {self.store.path} · ? help · q quit"
 
     def _load_earlier_runs(self) -> None:
-        for row in self.store.runs()[-EARLIER_RUNS_SHOWN:]:
-            run = self.board.get(row.run_id)
-            run.spec = row.spec
-            run.status = row.status
-            run.queued_at, run.started_at, run.ended_at = (
-                row.queued_at,
-                row.started_at,
-                row.finished_at,
-            )
-            if row.status == "finished":
-                run.metrics = row.metrics
-            elif row.error_reason is not None:
-                run.error = RunFailed(
-                    row.run_id,
-                    reason=row.error_reason,  # type: ignore[arg-type]
-                    message=row.error_message or "",
-                    log_tail=row.log_tail or "",
-                    t=row.finished_at or 0.0,
-                )
+        self.board.add(self.store.runs()[-EARLIER_RUNS_SHOWN:])
         for view in self.main_screen.query(RunsView):
             view.refresh_runs()
 
@@ -625,6 +606,6 @@ class SlmApp(App[int]):
         ):
             yield SystemCommand(title, help_text, callback)
 
-    def live_runs(self) -> list[LiveRun]:
+    def live_runs(self) -> list[RunState]:
         """Every run the console shows (tests and the status line read it)."""
         return list(self.board.runs.values())

@@ -141,8 +141,8 @@ def test_killed_worker_costs_only_its_run_and_a_rerun_redoes_it(
     with Store(db) as store:
         killed = store.run(target["run_id"])
         assert killed is not None
-        assert (killed.status, killed.error_reason) == ("failed", "crashed")
-        assert killed.error_message == "worker was killed by SIGKILL without a result"
+        assert (killed.status, killed.error.reason) == ("failed", "crashed")
+        assert killed.error.message == "worker was killed by SIGKILL without a result"
         kept = store.samples(killed.run_id)
         assert 1 <= len(kept) < TARGET_ITEMS  # what it scored before dying is kept
         assert [r.task for r in store.results()] == ["arc_easy"]
@@ -193,7 +193,7 @@ def test_killed_app_loses_no_finished_run_leaves_no_worker_and_a_rerun_resumes(
         assert finished.accuracy is not None and finished.throughput and finished.latency_ms
         assert finished.memory_mb and len(store.samples(finished.run_id)) == 3
         crashed = store.run(target["run_id"])
-        assert crashed is not None and (crashed.status, crashed.error_reason) == (
+        assert crashed is not None and (crashed.status, crashed.error.reason) == (
             "failed",
             "crashed",
         )

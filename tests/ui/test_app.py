@@ -273,7 +273,7 @@ async def test_live_panel_then_rank_recomputes(store: Store, tmp_path: Path) -> 
         assert "2/4 samples · ETA 2s" in text
         assert "tokens/s 102.0" in text and "ms/token 8.0" in text and "mem 502 MB" in text
         assert "GPU util 55 %" in text and "power 120 W" in text
-        assert list(panel.run.tokens_per_s)[-1] == 102.0  # history: one point per snapshot
+        assert list(panel.run.history.tokens_per_s)[-1] == 102.0  # history: one point per snapshot
         assert "2 Runs (1▶ 0…)" in text
         m = metrics(0.5, 80.0, 12.5, 600.0)
         scheduler.play([RunFinished("live-00", metrics=m, t=T0 + 300)])

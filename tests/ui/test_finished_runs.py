@@ -7,9 +7,9 @@ from pathlib import Path
 from rich.console import Console
 from ui_fixtures import T0, metrics, spec
 
+from slmtui.board import RunState
 from slmtui.protocol import RunFinished, RunQueued, RunStarted
 from slmtui.store import Store
-from slmtui.ui.board import LiveRun
 from slmtui.ui.screens.inspect import InspectScreen
 from slmtui.ui.widgets.runs_view import RunsView
 
@@ -23,10 +23,10 @@ def fallback_metrics() -> dict:
 
 
 def test_the_runs_list_names_the_engine_that_ran() -> None:
-    run = LiveRun("r", spec("alpha-135m"), status="finished", metrics=fallback_metrics())
+    run = RunState("r", spec("alpha-135m"), status="finished", metrics=fallback_metrics())
     detail = RunsView.row_cells(run)[-1].plain
     assert detail.startswith("acc 0.500") and detail.endswith("ran plain (see Inspect)")
-    plain_run = LiveRun("r", spec("alpha-135m"), status="finished", metrics=metrics(0.5, 1, 1, 1))
+    plain_run = RunState("r", spec("alpha-135m"), status="finished", metrics=metrics(0.5, 1, 1, 1))
     assert "ran" not in RunsView.row_cells(plain_run)[-1].plain
 
 
@@ -48,7 +48,7 @@ def test_a_finished_run_counts_every_sample_even_when_the_console_attached_late(
     """A console that re-attaches mid-run saw only the later sample events."""
     from slmtui.protocol import RunProgress
 
-    run = LiveRun("r", spec("alpha-135m"), status="finished", metrics=metrics(0.5, 1, 1, 1))
+    run = RunState("r", spec("alpha-135m"), status="finished", metrics=metrics(0.5, 1, 1, 1))
     run.progress = RunProgress("r", phase="measuring", done=2, total=4)
     run.samples_done = 2
     assert RunsView.row_cells(run)[3] == "4/4"  # the result's n_samples (4), not the 2 seen
@@ -61,7 +61,7 @@ def test_a_running_panel_names_the_step_under_way() -> None:
     from slmtui.protocol import RunProgress
     from slmtui.ui.widgets.run_panel import RunPanel
 
-    run = LiveRun("r", spec("alpha-135m"), status="running")
+    run = RunState("r", spec("alpha-135m"), status="running")
     run.progress = RunProgress("r", phase="loading", step="converting GGUF (one time)")
     console = RichConsole(width=100, record=True, color_system=None)
     console.print(RunPanel.render_run(run))

@@ -13,10 +13,11 @@ import pytest
 from rich.console import Console
 
 from slmtui import profile as profiles
+from slmtui.board import RunState
 from slmtui.cli import main
 from slmtui.profile import Settings
 from slmtui.reports.headless import progress_table, run_headless
-from slmtui.scheduler import RunState, worker_command
+from slmtui.scheduler import worker_command
 from slmtui.spec import ModelRef, RunSpec, TaskOptions
 from slmtui.store import Store
 

@@ -91,7 +91,7 @@ def test_store_import_brings_samples_and_failed_runs_and_dedupes(tmp_path: Path,
         assert f"imported {len(ids) - 1} runs" in out and "1 already stored" in out
         with Store(tmp_path / "b.sqlite") as dst:
             same_runs(src, dst, ids - {"a1"})
-            assert dst.run("a1").model == "A-mine"
+            assert dst.run("a1").spec.model.name == "A-mine"
             assert dst.samples("g1") == src.samples("g1")
         code, out, _ = run(capsys, "import", str(src.path), "--db", str(tmp_path / "b.sqlite"))
         assert "imported 0 runs" in out

@@ -286,9 +286,9 @@ def test_killed_worker_costs_only_its_run(harness) -> None:
     crash, ok = h.scheduler.submit([spec("crash", gpus=1), spec("ok", gpus=1)])
     assert h.scheduler.wait(timeout=10)
     failed = h.store.run(crash)
-    assert (failed.status, failed.error_reason) == ("failed", "crashed")
-    assert failed.error_message == "worker exited with code 3 without a result"
-    assert "RuntimeError: boom" in failed.log_tail
+    assert (failed.status, failed.error.reason) == ("failed", "crashed")
+    assert failed.error.message == "worker exited with code 3 without a result"
+    assert "RuntimeError: boom" in failed.error.log_tail
     assert len(h.store.samples(crash)) == 1  # what it scored before dying is kept
     assert h.store.run(ok).status == "finished"
 
@@ -298,14 +298,14 @@ def test_worker_error_events_are_stored_as_sent(harness) -> None:
     oom, silent = h.scheduler.submit([spec("oom"), spec("silent")])
     assert h.scheduler.wait(timeout=10)
     row = h.store.run(oom)
-    assert (row.status, row.error_reason, row.error_message) == (
+    assert (row.status, row.error.reason, row.error.message) == (
         "failed",
         "oom",
         "CUDA out of memory",
     )
     assert h.types(oom).count("error") == 1
     quiet = h.store.run(silent)
-    assert (quiet.error_reason, quiet.error_message) == (
+    assert (quiet.error.reason, quiet.error.message) == (
         "crashed",
         "worker exited with code 0 without a result",
     )
@@ -318,8 +318,8 @@ def test_a_run_past_its_timeout_is_stopped(harness) -> None:
     assert h.scheduler.wait(timeout=10)
     assert time.monotonic() - t0 < 5
     row = h.store.run(run_id)
-    assert (row.status, row.error_reason) == ("failed", "timeout")
-    assert "0.5 s" in row.error_message
+    assert (row.status, row.error.reason) == ("failed", "timeout")
+    assert "0.5 s" in row.error.message
     assert gone(_worker_pid(h, run_id))
     assert h.scheduler.snapshot()[0].error.reason == "timeout"
 
@@ -333,9 +333,9 @@ def test_cancel_queued_and_running_runs(harness) -> None:
     assert h.scheduler.cancel(running)
     assert h.scheduler.wait(timeout=10)
     assert h.store.run(queued).status == "cancelled"
-    assert h.store.run(queued).error_message == "cancelled before it started"
+    assert h.store.run(queued).error.message == "cancelled before it started"
     row = h.store.run(running)
-    assert (row.status, row.error_message) == ("cancelled", "cancelled while running")
+    assert (row.status, row.error.message) == ("cancelled", "cancelled while running")
     assert not h.scheduler.cancel(running)  # already ended
     assert "started" not in h.types(queued)
 
@@ -463,8 +463,8 @@ def test_a_segfaulting_worker_costs_only_its_run(harness) -> None:
     segv, ok = h.scheduler.submit([spec("segv"), spec("ok")])
     assert h.scheduler.wait(timeout=30)
     row = h.store.run(segv)
-    assert (row.status, row.error_reason) == ("failed", "crashed")
-    assert row.error_message == "worker was killed by SIGSEGV without a result"
+    assert (row.status, row.error.reason) == ("failed", "crashed")
+    assert row.error.message == "worker was killed by SIGSEGV without a result"
     assert len(h.store.samples(segv)) == 1
     assert h.store.run(ok).status == "finished"
 
@@ -476,8 +476,8 @@ def test_a_silent_worker_is_stopped_as_hung_after_the_grace(harness) -> None:
     assert h.scheduler.wait(timeout=30)
     took = time.monotonic() - t0
     row = h.store.run(hung)
-    assert (row.status, row.error_reason) == ("failed", "hung")
-    assert "no event from the worker for 1 s" in row.error_message
+    assert (row.status, row.error.reason) == ("failed", "hung")
+    assert "no event from the worker for 1 s" in row.error.message
     assert 1.0 <= took < 20
     assert gone(_worker_pid(h, hung))
     assert h.store.run(ok).status == "finished"  # the sweep goes on
@@ -488,9 +488,9 @@ def test_a_malformed_event_fails_its_run_and_the_scheduler_goes_on(harness) -> N
     bad, ok = h.scheduler.submit([spec("malformed"), spec("ok")])
     assert h.scheduler.wait(timeout=30)
     row = h.store.run(bad)
-    assert (row.status, row.error_reason) == ("failed", "crashed")
-    assert "malformed event" in row.error_message
-    assert "metrics must be an object" in row.error_message
+    assert (row.status, row.error.reason) == ("failed", "crashed")
+    assert "malformed event" in row.error.message
+    assert "metrics must be an object" in row.error.message
     log = Path(h.scheduler.state(bad).log_path).read_text()
     assert "[malformed event]" in log and '"metrics": "oops"' in log
     assert h.store.run(ok).status == "finished"
@@ -501,8 +501,8 @@ def test_an_oom_mid_run_keeps_its_samples_and_says_how_far_it_got(harness) -> No
     (run_id,) = h.scheduler.submit([spec("oomlate")])
     assert h.scheduler.wait(timeout=30)
     row = h.store.run(run_id)
-    assert (row.status, row.error_reason) == ("failed", "oom")
-    assert row.error_message == (
+    assert (row.status, row.error.reason) == ("failed", "oom")
+    assert row.error.message == (
         "CUDA out of memory at batch 1 (reached 2 of 10 samples, which are stored)"
     )
     assert len(h.store.samples(run_id)) == 2

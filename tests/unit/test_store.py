@@ -93,8 +93,10 @@ def test_run_round_trip_with_samples(store: Store) -> None:
     spec = make_spec()
     store.begin_run("r1", spec)
     row = store.run("r1")
-    assert row.status == "queued" and row.spec == spec and row.run_key == spec.run_key
-    assert (row.model, row.task, row.gpus, row.engine) == ("tiny", "gsm8k", 0, "fast")
+    assert row.status == "queued" and row.spec == spec
+    stored = store.export_runs(["r1"])["r1"]  # the flat columns SQL filters on
+    assert stored["run_key"] == spec.run_key
+    assert [stored[k] for k in ("model", "task", "gpus", "engine")] == ["tiny", "gsm8k", 0, "fast"]
 
     store.record(RunStarted("r1", spec=spec.to_dict(), pid=42, hardware={"cpu": "x86"}, t=100.0))
     store.record(RunProgress("r1", phase="measuring", done=1, total=2))
@@ -115,7 +117,7 @@ def test_run_round_trip_with_samples(store: Store) -> None:
 
     row = store.run("r1")
     assert row.status == "finished"
-    assert (row.started_at, row.finished_at) == (100.0, 110.0)
+    assert (row.started_at, row.ended_at) == (100.0, 110.0)
     assert row.hardware == {"cpu": "x86"}
     assert (row.accuracy, row.throughput, row.throughput_unit) == (0.5, 120.0, "tokens/s")
     assert (row.latency_ms, row.memory_mb, row.energy_j) == (8.25, 874.0, None)
@@ -135,13 +137,13 @@ def test_failures_and_cancellations_keep_their_reason(store: Store) -> None:
     store.begin_run("cx", make_spec("b"))
     store.record(RunFailed("cx", reason="cancelled", message="cancelled before it started"))
     oom, cx = store.run("oom"), store.run("cx")
-    assert (oom.status, oom.error_reason, oom.error_message, oom.log_tail) == (
+    assert (oom.status, oom.error.reason, oom.error.message, oom.error.log_tail) == (
         "failed",
         "oom",
         "CUDA out of memory",
         "tb",
     )
-    assert (cx.status, cx.error_reason) == ("cancelled", "cancelled")
+    assert (cx.status, cx.error.reason) == ("cancelled", "cancelled")
     assert store.completed_keys() == set()
     assert store.results() == []
 
@@ -152,7 +154,7 @@ def test_a_finished_run_is_never_undone_by_late_events(store: Store) -> None:
     store.record(RunFailed("r1", reason="crashed", message="exit code -9"))
     store.record(RunStarted("r1", spec=spec.to_dict(), pid=1))
     row = store.run("r1")
-    assert row.status == "finished" and row.error_reason is None
+    assert row.status == "finished" and row.error is None
 
 
 def test_results_hold_the_latest_finished_run_per_key(store: Store) -> None:
@@ -223,7 +225,7 @@ def test_runs_left_behind_by_a_killed_app_are_recovered_on_open(tmp_path: Path) 
     reopened = Store(path)
     assert sorted(reopened.recovered) == ["queued", "running"]
     crashed = reopened.run("running")
-    assert (crashed.status, crashed.error_reason, crashed.error_message) == (
+    assert (crashed.status, crashed.error.reason, crashed.error.message) == (
         "failed",
         "crashed",
         "its scheduler (app or service) exited during the run",

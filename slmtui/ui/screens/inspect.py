@@ -15,8 +15,9 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
 
+from slmtui.board import RunState
 from slmtui.carbon import Grid, carbon_of, parse_grid
-from slmtui.store import RunRow, SampleRow
+from slmtui.store import SampleRow
 from slmtui.ui.cells import num
 from slmtui.ui.tables import fill_table
 
@@ -42,7 +43,7 @@ class InspectScreen(Screen[None]):
     InspectScreen #sample-detail { height: auto; max-height: 50%; border-top: solid $primary; }
     """
 
-    def __init__(self, run: RunRow, samples: list[SampleRow], grid: Grid | None = None) -> None:
+    def __init__(self, run: RunState, samples: list[SampleRow], grid: Grid | None = None) -> None:
         """``grid``: the carbon intensity for the CO2 lines (default: world)."""
         super().__init__()
         self.run = run
@@ -130,10 +131,10 @@ class InspectScreen(Screen[None]):
     # -- content ------------------------------------------------------------------------------
 
     def summary(self) -> Group:
-        run, m = self.run, self.run.metrics
+        run, m = self.run, self.run.metrics or {}
         parts: list[Any] = []
         headline = _grid()
-        unit = run.throughput_unit or m.get("throughput_unit") or ""
+        unit = run.throughput_unit or ""
         headline.add_row("accuracy", num(run.accuracy, 3))
         headline.add_row("throughput (per GPU)", num(run.throughput, 2, unit))
         headline.add_row("latency", num(run.latency_ms, 2, "ms"))
@@ -206,7 +207,7 @@ class InspectScreen(Screen[None]):
             ("mode", _opt(spec.options.mode or m.get("mode"))),
             ("max new tokens", _opt(spec.options.max_new_tokens)),
             ("data", f"{m.get('data_source', '?')}: {m.get('data_location', '?')}"),
-            ("run key", run.run_key),
+            ("run key", spec.run_key),
         ):
             settings.add_row(label, value)
         parts += [Text("\nSettings", style="bold underline"), settings]
@@ -231,14 +232,14 @@ class InspectScreen(Screen[None]):
         return Group(*parts)
 
     def failure(self) -> Text:
-        run = self.run
-        if run.error_reason is None:
+        run, error = self.run, self.run.error
+        if error is None:
             return Text(f"The run is {run.status}; no failure to show.", style="dim")
         text = Text()
-        text.append(f"{run.error_reason}", style="bold red")
-        text.append(f": {run.error_message or ''}\n\n")
+        text.append(f"{error.reason}", style="bold red")
+        text.append(f": {error.message}\n\n")
         text.append("log tail\n", style="bold")
-        text.append(run.log_tail or "(empty)")
+        text.append(error.log_tail or "(empty)")
         return text
 
 

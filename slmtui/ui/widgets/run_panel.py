@@ -8,19 +8,19 @@ from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
-from slmtui.ui.board import LiveRun
+from slmtui.board import RunState
 from slmtui.ui.cells import duration, num, spark, where
 
 
 class RunPanel(Static):
-    """Redrawn from a LiveRun only when its version changed (about once a second)."""
+    """Redrawn from a RunState only when its version changed (about once a second)."""
 
     DEFAULT_CSS = """
     RunPanel { height: auto; border: round $primary 50%; padding: 0 1; }
     RunPanel.-stopping { border: round $warning; }
     """
 
-    def __init__(self, run: LiveRun, **kwargs: object) -> None:
+    def __init__(self, run: RunState, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.run = run
         self.shown_version = -1
@@ -28,7 +28,7 @@ class RunPanel(Static):
     def on_mount(self) -> None:
         self.show(self.run)
 
-    def show(self, run: LiveRun) -> None:
+    def show(self, run: RunState) -> None:
         self.run = run
         if run.version == self.shown_version:
             return
@@ -37,7 +37,7 @@ class RunPanel(Static):
         self.update(self.render_run(run))
 
     @staticmethod
-    def render_run(run: LiveRun) -> Group:
+    def render_run(run: RunState) -> Group:
         spec = run.spec
         head = Text()
         head.append(f"{run.phase:<9}", style="bold cyan")
@@ -68,19 +68,19 @@ class RunPanel(Static):
             speed.append(f"samples/s {num(p.samples_per_s, 2)} ", style="bold")
         else:
             speed.append(f"tokens/s {num(p.tokens_per_s if p else None)} ", style="bold")
-        speed.append(spark(run.tokens_per_s), style="green")
+        speed.append(spark(run.history.tokens_per_s), style="green")
         speed.append(f"  ms/token {num(p.ms_per_token if p else None)}", style="bold")
         speed.append(f"  mem {num(p.mem_mb if p else None, 0, 'MB')} ", style="bold")
-        speed.append(spark(run.mem_mb), style="magenta")
+        speed.append(spark(run.history.mem_mb), style="magenta")
 
         lines: list[object] = [head, bar, speed]
         telemetry = (p.telemetry if p else None) or {}
-        if run.util_pct or run.power_w:
+        if run.history.util_pct or run.history.power_w:
             gpu = Text()
             gpu.append(f"GPU util {num(telemetry.get('util_pct'), 0, '%')} ", style="bold")
-            gpu.append(spark(run.util_pct), style="yellow")
+            gpu.append(spark(run.history.util_pct), style="yellow")
             gpu.append(f"  power {num(telemetry.get('power_w'), 0, 'W')} ", style="bold")
-            gpu.append(spark(run.power_w), style="red")
+            gpu.append(spark(run.history.power_w), style="red")
             lines.append(gpu)
         if degraded := telemetry.get("degraded"):
             lines.append(Text(f"telemetry degraded: {degraded}", style="yellow"))

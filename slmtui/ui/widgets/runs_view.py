@@ -11,7 +11,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import DataTable, Static
 
-from slmtui.ui.board import Board, LiveRun
+from slmtui.board import Board, RunState
 from slmtui.ui.cells import duration, num, where
 from slmtui.ui.tables import fill_table
 from slmtui.ui.widgets.run_panel import RunPanel
@@ -34,7 +34,7 @@ LIST_COLUMNS = (
 )
 
 
-def _list_order(run: LiveRun) -> tuple[int, float]:
+def _list_order(run: RunState) -> tuple[int, float]:
     rank = {"running": 0, "queued": 1}.get(run.status, 2)
     when = run.ended_at or run.started_at or run.queued_at or 0.0
     return (rank, when if rank < 2 else -when)
@@ -137,7 +137,7 @@ class RunsView(Vertical):
         table.move_cursor(row=row, animate=False)
 
     @staticmethod
-    def row_cells(run: LiveRun) -> tuple[Text, str, Text, str, Text]:
+    def row_cells(run: RunState) -> tuple[Text, str, Text, str, Text]:
         mark, style = _STATE_STYLE.get(run.status, ("?", ""))
         status = run.phase if run.status == "running" else run.status
         total = run.total
