@@ -253,6 +253,31 @@ async def test_cancel_one_and_all(store: Store, tmp_path: Path) -> None:
         assert scheduler.cancelled[-1] == "*"
 
 
+async def test_list_cursor_follows_the_top_until_the_user_moves_it(
+    store: Store, tmp_path: Path
+) -> None:
+    """``c`` twice cancels the two newest runs (the cursor stays on the top row, now the next
+    queued run); only a key that moves the cursor pins it to the user's row."""
+    scheduler = ScriptedScheduler(store)
+    app = make_app(store, scheduler, tmp_path=tmp_path)
+    async with app.run_test(size=SMALL) as pilot:
+        await started(pilot)
+        await pilot.press("R")
+        await settle(pilot)
+        await pilot.press("c")
+        await settle(pilot)
+        await pilot.press("c")
+        await settle(pilot)
+        assert scheduler.cancelled == ["live-00", "live-01"]
+        table = app.query_one("#run-list", DataTable)
+        await pilot.press("down")
+        pinned = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        await pilot.press("c")
+        await settle(pilot)
+        assert scheduler.cancelled[-1] == pinned
+        assert table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value == pinned
+
+
 # -- watch live -------------------------------------------------------------------------------
 
 

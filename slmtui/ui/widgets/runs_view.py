@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
@@ -15,6 +16,9 @@ from slmtui.board import Board, RunState
 from slmtui.ui.cells import duration, num, where
 from slmtui.ui.tables import fill_table
 from slmtui.ui.widgets.run_panel import RunPanel
+
+CURSOR_KEYS = frozenset({"up", "down", "pageup", "pagedown", "home", "end", "enter"})
+"""Keys that move (or act on) the list's cursor: after one, updates keep the user's row."""
 
 _STATE_STYLE = {
     "queued": ("…", "dim"),
@@ -171,9 +175,11 @@ class RunsView(Vertical):
         key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key
         return key.value
 
-    def on_key(self) -> None:
-        """Any key pressed here counts as the user taking the cursor."""
-        self.touched = True
+    def on_key(self, event: events.Key) -> None:
+        """A key that moves the list's cursor counts as the user taking it (``R`` to launch, or
+        ``c`` to cancel, does not: the cursor then keeps following the newest runs)."""
+        if event.key in CURSOR_KEYS:
+            self.touched = True
 
     def on_click(self) -> None:
         self.touched = True
