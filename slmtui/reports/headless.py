@@ -204,8 +204,8 @@ def _speed_cells(run: RunState) -> tuple[str, str]:
         per_item = "ms/sample" if unit == "samples/s" else "ms/token"
         return _num(run.throughput, f" {unit}".rstrip(), 1), _num(run.latency_ms, f" {per_item}", 1)
     progress = run.progress
-    if progress is None:
-        return "", ""
+    if progress is None or run.ended:
+        return "", ""  # a run that failed or was cancelled has no speed to stand by
     if progress.tokens_per_s is not None:
         return _num(progress.tokens_per_s, " tokens/s", 1), _num(
             progress.ms_per_token, " ms/token", 1

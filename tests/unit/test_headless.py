@@ -220,6 +220,24 @@ def test_progress_table_shows_each_run() -> None:
     assert "0/2 runs ended" in text
 
 
+def test_a_cancelled_run_shows_no_speed() -> None:
+    from slmtui.protocol import RunProgress
+
+    cancelled = RunState(
+        "r1",
+        spec("m"),
+        "cancelled",
+        queued_at=100.0,
+        launched_at=100.0,
+        ended_at=104.0,
+        progress=RunProgress("r1", phase="measuring", done=0, total=10, samples_per_s=0.0),
+    )
+    console = Console(file=io.StringIO(), width=200)
+    console.print(progress_table([cancelled], now=112.0))
+    text = console.file.getvalue()
+    assert "samples/s" not in text and "✗ cancelled 4s" in text
+
+
 def test_a_run_that_fell_back_to_plain_says_so_when_it_ends() -> None:
     from slmtui.reports.headless import _ended_line
 
