@@ -109,7 +109,13 @@ class RunMetrics:
     """The engine the spec asked for."""
     engine_fallback: str | None = None
     """Why ``engine`` is plain although fast was asked for, or None."""
+    device: str | None = None
+    """Where the engine computed: "cpu", "cuda:0" (the first device of a layer-sharded model)."""
+    threads: int | None = None
+    """CPU threads the engine computed with, on the CPU (torch's intra-op threads; llama.cpp's
+    ``n_threads``)."""
     dtype: str | None = None
+    """What the weights were loaded as ("bfloat16", "float32")."""
     weights: str | None = None
     """What the run computed with: "bfloat16", "gguf Q4_1 dequantised to float32", plus the
     quantisation scheme."""
