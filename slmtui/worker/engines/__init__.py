@@ -3,7 +3,7 @@
 An engine module defines one ``Engine`` subclass whose class attribute ``name`` is its name, and
 is registered here in ``_MODULES`` (its name also in ``slmtui.spec.ENGINES``, with what a profile
 must give it). The class loads its own model (``Engine.load``), so a backend with its own
-loader is that one module.
+loader (``llamacpp``: llama.cpp on a GGUF file) is that one module.
 
 ``get_engine("fast")`` falls back to ``plain`` only when ``engines/fast/`` is missing, and
 says so in ``notes``; any other import error in it is a bug and propagates.
@@ -32,6 +32,7 @@ from slmtui.worker.engines.base import Engine, LoadedModel, Step
 _MODULES: dict[str, str] = {
     "plain": "slmtui.worker.engines.plain",
     "fast": "slmtui.worker.engines.fast",
+    "llamacpp": "slmtui.worker.engines.llamacpp",
 }
 
 

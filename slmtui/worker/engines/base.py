@@ -1,10 +1,10 @@
 """The engine interface: load a model its own way, answer a task's requests, as fast as it can.
 
-Two engines implement it: ``plain`` (transformers ``generate`` and a plain forward; the
-reference) and ``fast`` (static KV cache, CUDA graphs, batching; plain's loader). The runner
-owns the timing window: it synchronises, reads clocks and NVML around the engine's calls; an
-engine only reports, per finished request, what it produced, and per batch when its first token
-appeared.
+Three engines implement it: ``plain`` (transformers ``generate`` and a plain forward; the
+reference), ``fast`` (static KV cache, CUDA graphs, batching; plain's loader) and ``llamacpp``
+(a GGUF file at its own quantisation; llama.cpp loads it). The runner owns the timing window:
+it synchronises, reads clocks and NVML around the engine's calls; an engine only reports, per
+finished request, what it produced, and per batch when its first token appeared.
 
 Loading belongs to the engine class (``Engine.load(spec)``): the runner asks the spec's engine
 for a ``LoadedModel``, keeps it across a worker's runs, and builds the engine on it
