@@ -122,6 +122,13 @@ def resolve_model(name_or_path: str) -> ModelRef:
     )
 
 
+def is_gguf_source(source: str) -> bool:
+    """Whether a model source as written is a GGUF file: a catalog name (every offline model is
+    one) or a path ending in ``.gguf``. Nothing is resolved or installed."""
+    text = source.strip().lower()
+    return text in OFFLINE_MODELS or text.endswith(".gguf")
+
+
 def _allowed_forms() -> str:
     return (
         f"an offline model ({allowed_list(OFFLINE_MODEL_NAMES)}), a local model directory, "

@@ -109,10 +109,17 @@ class RunMetrics:
     """The engine the spec asked for."""
     engine_fallback: str | None = None
     """Why ``engine`` is plain although fast was asked for, or None."""
+    device: str | None = None
+    """Where the engine computed: "cpu", "cuda:0" (the first device of a layer-sharded model)."""
+    threads: int | None = None
+    """CPU threads the engine computed with, on the CPU (torch's intra-op threads; llama.cpp's
+    ``n_threads``)."""
     dtype: str | None = None
+    """What the weights were loaded as ("bfloat16", "float32"; llama.cpp: the GGUF file's
+    type, "Q4_1")."""
     weights: str | None = None
-    """What the run computed with: "bfloat16", "gguf Q4_1 dequantised to float32", plus the
-    quantisation scheme."""
+    """What the run computed with: "bfloat16", "gguf Q4_1 dequantised to float32" (or "gguf
+    Q4_1 as stored (llama.cpp)"), plus the quantisation scheme."""
     weight_bytes: int | None = None
     """The parameters as stored (torchao's int data, scales and zero points; tied matrices once)."""
     weight_bytes_this_process: int | None = None
@@ -124,6 +131,8 @@ class RunMetrics:
     """Seconds spent quantising (inside ``load_s``)."""
     quantized_layers: int | None = None
     torchao_version: str | None = None
+    llama_cpp_version: str | None = None
+    """llama-cpp-python's version, for a llamacpp run (its llama.cpp is vendored with it)."""
     batch_size: int | None = None
     """Most sequences in flight (fast) or per batch (plain); what the engine chose for "auto"."""
     batch_size_requested: int | str | None = None

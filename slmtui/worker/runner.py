@@ -3,7 +3,8 @@
 Phases, each announced by ``RunProgress`` at least once a second (a heartbeat thread):
 
 loading    task data first (a bad file fails in a second, not after a model load), then the
-           model and tokenizer (``load_s``; a first-time GGUF conversion included). The step
+           model and tokenizer as the spec's engine loads them (``Engine.load``; ``load_s``, a
+           first-time GGUF conversion included). The step
            under way is named in ``RunProgress.step``. Within one worker serving several runs of
            one model (``Models``), later runs reuse the loaded model: their ``load_s`` holds only
            their data and engine set-up, and ``model_reused`` says so.
@@ -58,10 +59,9 @@ from slmtui.tasks.base import (
     Scored,
 )
 from slmtui.worker import distributed as dist
-from slmtui.worker.engines import release_device_memory, start_engine
-from slmtui.worker.engines.base import Completed, Engine
+from slmtui.worker.engines import load_model_for, loader_of, release_device_memory, start_engine
+from slmtui.worker.engines.base import Completed, Engine, LoadedModel, LoadError
 from slmtui.worker.hardware import describe_hardware
-from slmtui.worker.loading import LoadedModel, LoadError, load_model
 
 MB = 1024 * 1024
 WARMUP_REQUESTS = 2
@@ -113,7 +113,8 @@ class Models:
     once. Each run still builds its own engine (KV cache sized for its task, graphs captured in
     its warm-up) after the previous one's memory is released and torch's peaks are reset, so
     MEM is the run's own. Only single-process runs share (a torchrun job's process group lives
-    for one run).
+    for one run), and only runs whose engines load alike (``Engine.loader``) with the same
+    quantisation: an int8 run never reuses the full-precision weights.
     """
 
     def __init__(self) -> None:
@@ -123,7 +124,15 @@ class Models:
 
     @staticmethod
     def model_key(spec: RunSpec) -> tuple[Any, ...]:
-        return (spec.model.kind, spec.model.source, spec.dtype, spec.gpus, spec.parallel)
+        return (
+            loader_of(spec.engine),
+            spec.model.kind,
+            spec.model.source,
+            spec.dtype,
+            spec.gpus,
+            spec.parallel,
+            spec.quantize,
+        )
 
     def take(self, spec: RunSpec) -> LoadedModel | None:
         """The model loaded for an earlier run of the same model, else None (and forget it)."""
@@ -267,8 +276,7 @@ def _run(
     started = time.perf_counter()
     chosen = start_engine(
         spec.engine,
-        loaded.model,
-        loaded.tokenizer,
+        loaded,
         batch_size=spec.batch_size,
         prepare=prepare,
         warmup_generate=[r for r in warm if isinstance(r, GenerateRequest)],
@@ -337,8 +345,8 @@ def _run(
         engine=engine.name,
         engine_requested=spec.engine,
         engine_fallback=chosen.fallback,
-        dtype=str(loaded.dtype).removeprefix("torch."),
-        batch_size=engine.batch_size if spec.batch_size == "auto" else spec.batch_size,
+        dtype=loaded.dtype_name,
+        batch_size=engine.batch_size_used(spec.batch_size),
         batch_size_requested=spec.batch_size,
         num_fewshot=settings.num_fewshot,
         max_new_tokens=settings.max_new_tokens if settings.mode == "generate" else None,
@@ -347,7 +355,10 @@ def _run(
         data_location=data.location,
         notes=loaded.notes + notes,
     )
-    metrics.update(loaded.metrics)  # weights, weight_bytes, quantize and its scheme
+    metrics["device"] = str(loaded.device)
+    if loaded.device.type == "cpu":
+        metrics["threads"] = torch.get_num_threads()
+    metrics.update(loaded.metrics)  # weights, weight_bytes, quantize, scheme (device, threads)
     if len(timing.rank_seconds) > 1:
         metrics["rank_measured_s"] = list(timing.rank_seconds)
     metrics.update(_memory_metrics(loaded.device, rss_window))
@@ -359,21 +370,14 @@ def _run(
 
 
 def _load(spec: RunSpec, ctx: dist.DistContext, state: LiveState) -> LoadedModel | None:
-    """Load the model; classify what goes wrong (OOM propagates as itself)."""
+    """Load the model the spec's engine's way; classify what goes wrong (OOM propagates as
+    itself)."""
 
     def on_step(step: str) -> None:
         state.step = step
 
     try:
-        return load_model(
-            spec.model,
-            dtype=spec.dtype,
-            gpus=spec.gpus,
-            parallel=spec.parallel,
-            ctx=ctx,
-            quantize=spec.quantize,
-            on_step=on_step,
-        )
+        return load_model_for(spec, ctx=ctx, on_step=on_step)
     except LoadError as exc:
         raise RunError("load_failed", str(exc)) from None
     except UserError as exc:

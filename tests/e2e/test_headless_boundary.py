@@ -1,7 +1,7 @@
-"""`slmtui run --headless`'s own process never imports torch, transformers or accelerate: runs
-happen in worker processes. A static import graph cannot see imports deferred into functions, so
-this runs a real headless sweep (one run on the tiny local model) in a fresh interpreter and
-reads its ``sys.modules`` when it exits."""
+"""`slmtui run --headless`'s own process never imports torch, transformers, accelerate or
+llama_cpp: runs happen in worker processes. A static import graph cannot see imports deferred
+into functions, so this runs a real headless sweep (one run on the tiny local model) in a fresh
+interpreter and reads its ``sys.modules`` when it exits."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = [pytest.mark.e2e]
 
-HEAVY = ("torch", "transformers", "accelerate")
+HEAVY = ("torch", "transformers", "accelerate", "llama_cpp")
 PARENT = """
 import atexit, json, sys
 def report():

@@ -194,7 +194,7 @@ def test_bad_dtype_engine_and_parallel(tmp_path: Path):
         "got \"bfloat\" (did you mean 'bfloat16'?)"
     )
     assert error_of(tmp_path, '[settings]\nengine = "vllm"\n' + MINIMAL) == (
-        "[settings] engine must be 'fast' or 'plain', got \"vllm\""
+        "[settings] engine must be 'fast', 'plain' or 'llamacpp', got \"vllm\""
     )
     text = MINIMAL.replace("[tasks.gsm8k]", 'parallel = "pp"\n[tasks.gsm8k]')
     assert error_of(tmp_path, text) == ("[[models]] #1 parallel must be 'tp' or 'dp', got \"pp\"")

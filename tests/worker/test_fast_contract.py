@@ -24,6 +24,7 @@ from slmtui.worker.engines import start_engine
 from slmtui.worker.engines.fast import FastEngine
 from slmtui.worker.engines.plain import PlainEngine
 from slmtui.worker.engines.support import FAST_FAMILIES, fast_refusal
+from slmtui.worker.loading import loaded_transformers
 
 VOCAB = 3 + 96 + 8
 """The tiny tokenizer's 99 tokens (tests/worker/conftest.py: BOS, EOS, UNK, 96 characters) and
@@ -194,7 +195,7 @@ def test_an_unverified_architecture_runs_plain_and_says_why(gpt2_dir: Path):
     model, tokenizer = load(gpt2_dir)
     notes: list[str] = []
     started = start_engine(
-        "fast", model, tokenizer, batch_size=2,
+        "fast", loaded_transformers(model, tokenizer), batch_size=2,
         warmup_generate=[GenerateRequest("Hello", 3)], notes=notes,
     )  # fmt: skip
     assert started.engine.name == "plain"
@@ -213,7 +214,10 @@ def test_a_fast_engine_failing_in_warm_up_gives_way_to_plain(
 
     monkeypatch.setattr(FastEngine, "warmup", refuse)
     started = start_engine(
-        "fast", model, tokenizer, batch_size=2, warmup_generate=[GenerateRequest("Hi", 2)]
+        "fast",
+        loaded_transformers(model, tokenizer),
+        batch_size=2,
+        warmup_generate=[GenerateRequest("Hi", 2)],
     )
     assert started.engine.name == "plain"
     assert started.fallback == (
@@ -234,7 +238,10 @@ def test_a_fast_engine_that_cannot_even_be_built_gives_way_to_plain(
 
     monkeypatch.setattr(FastEngine, "__init__", refuse)
     started = start_engine(
-        "fast", model, tokenizer, batch_size=2, warmup_generate=[GenerateRequest("Hi", 2)]
+        "fast",
+        loaded_transformers(model, tokenizer),
+        batch_size=2,
+        warmup_generate=[GenerateRequest("Hi", 2)],
     )
     assert started.engine.name == "plain"
     assert started.fallback is not None and "ImportError: cannot import name" in started.fallback
@@ -251,7 +258,10 @@ def test_out_of_memory_in_the_fast_warm_up_is_not_hidden_by_the_fallback(
     monkeypatch.setattr(FastEngine, "warmup", oom)
     with pytest.raises(torch.OutOfMemoryError):
         start_engine(
-            "fast", model, tokenizer, batch_size=2, warmup_generate=[GenerateRequest("Hi", 2)]
+            "fast",
+            loaded_transformers(model, tokenizer),
+            batch_size=2,
+            warmup_generate=[GenerateRequest("Hi", 2)],
         )
 
 
@@ -280,8 +290,19 @@ def test_a_run_on_a_refused_model_stores_plain_with_the_reason(
         dtype="float32",
         batch_size=2,
     )
+    from slmtui.worker import loading
+
+    loads: list[str] = []
+    load_model = loading.load_model
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        loads.append(args[0].name)
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_model", counted)
     metrics = run_spec(spec, "r1", lambda event: None)
     assert metrics is not None and metrics["n_samples"] == 2
+    assert loads == ["tiny-gpt2"]  # plain ran on the model fast was given: no second load
     assert metrics["engine"] == "plain" and metrics["engine_requested"] == "fast"
     assert "architecture 'gpt2'" in metrics["engine_fallback"]
     assert metrics["engine_fallback"] in metrics["notes"]

@@ -25,6 +25,11 @@ loglikelihood
     Inputs longer than the model's window keep their last tokens.
 
 On an out-of-memory error the batch size halves and the batch is retried (down to 1).
+
+load (``PlainEngine.load``, inherited by fast): ``worker.loading.load_model``. The rules that make
+answers comparable across engines are functions here that every engine calls:
+``finish_generation`` (cutting and counting an output), ``stop_window`` (how many tokens a stop
+check decodes), ``split_pair`` (the lm-eval tokenisation of a log-likelihood pair).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -42,7 +47,10 @@ from slmtui.tasks.base import (
     LoglikelihoodRequest,
     LoglikelihoodResponse,
 )
-from slmtui.worker.engines.base import Completed, Engine, text_config
+from slmtui.worker.engines.base import Completed, Engine, LoadedModel, Step, text_config
+
+if TYPE_CHECKING:
+    from slmtui.spec import RunSpec
 
 AUTO_BATCH_SIZE_CPU = 8
 AUTO_BATCH_SIZE_GPU = 32
@@ -70,6 +78,24 @@ def is_oom(exc: BaseException) -> bool:
 
 class PlainEngine(Engine):
     name = "plain"
+
+    @classmethod
+    def load(
+        cls, spec: RunSpec, *, ctx: Any | None = None, on_step: Step | None = None
+    ) -> LoadedModel | None:
+        """The transformers model and tokenizer (``worker.loading.load_model``: hub, local
+        directory or converted GGUF; several GPUs; quantised), shared with the fast engine."""
+        from slmtui.worker.loading import load_model
+
+        return load_model(
+            spec.model,
+            dtype=spec.dtype,
+            gpus=spec.gpus,
+            parallel=spec.parallel,
+            ctx=ctx,
+            quantize=spec.quantize,
+            on_step=on_step,
+        )
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int | str) -> None:
         device = next(model.parameters()).device
@@ -101,7 +127,7 @@ class PlainEngine(Engine):
         texts: dict[bool, set[str]] = {True: {r.prompt for r in generate}, False: set()}
         for ll in loglikelihood:
             for continuation in ll.continuations:
-                for text, special in self._pair_texts(ll.context, continuation):
+                for text, special in pair_texts(ll.context, continuation):
                     texts[special].add(text)
         for special, wanted in texts.items():
             todo = sorted(t for t in wanted if (t, special) not in self._encoded)
@@ -227,30 +253,13 @@ class PlainEngine(Engine):
         self, request: GenerateRequest, ids: list[int], stopped_at: int | None
     ) -> tuple[str, int]:
         """The output text cut at the first stop string, and the tokens it took."""
-        ids = ids[: request.max_new_tokens]
-        end = len(ids)
-        for pos, token in enumerate(ids):
-            if token in self.eos_ids:
-                end = pos + 1  # the EOS was generated: it counts, its text does not
-                break
-        text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
-        cut = first_stop(text, request.stop)
-        if cut is None:
-            return text, end
-        tokens_out = stopped_at if stopped_at is not None else self._tokens_to_stop(ids, request)
-        return text[:cut], min(tokens_out, end)
-
-    def _tokens_to_stop(self, ids: list[int], request: GenerateRequest) -> int:
-        """Fewest leading tokens whose text holds a stop string (binary search)."""
-        lo, hi = 1, len(ids)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            text = self.tokenizer.decode(ids[:mid], skip_special_tokens=True)
-            if first_stop(text, request.stop) is None:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
+        return finish_generation(
+            request,
+            ids,
+            stopped_at,
+            is_end=self.eos_ids.__contains__,
+            decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+        )
 
     # -- loglikelihood --------------------------------------------------------------------------
 
@@ -292,28 +301,12 @@ class PlainEngine(Engine):
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Token ids of (context, continuation) as lm-evaluation-harness splits them."""
-        if not context:
-            prefix = self.tokenizer.bos_token_id
-            if prefix is None:
-                prefix = self.tokenizer.eos_token_id
-            return [prefix], self._encode(continuation, special=False)
-        (whole_text, _), (context_text, _) = self._pair_texts(context, continuation)
-        whole = self._encode(whole_text)
-        context_ids = self._encode(context_text)
-        return whole[: len(context_ids)], whole[len(context_ids) :]
-
-    @staticmethod
-    def _pair_texts(context: str, continuation: str) -> list[tuple[str, bool]]:
-        """The texts ``encode_pair`` tokenises, with their special-tokens flag: the continuation
-        alone for an empty context, else context + continuation and the context, after the
-        context's trailing spaces moved to the continuation (lm-eval)."""
-        if not context:
-            return [(continuation, False)]
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            continuation = context[-n_spaces:] + continuation
-            context = context[:-n_spaces]
-        return [(context + continuation, True), (context, True)]
+        prefix = self.tokenizer.bos_token_id
+        if prefix is None:
+            prefix = self.tokenizer.eos_token_id
+        return split_pair(
+            context, continuation, lambda text, special: self._encode(text, special=special), prefix
+        )
 
     def _score_pairs(
         self, pairs: list[tuple[list[int], list[int]]]
@@ -383,11 +376,7 @@ class _StopCriteria:
         self.prompt_len: int | None = None
         self.stopped_at: list[int | None] = [None] * len(requests)
         self.windows = [
-            max(
-                (len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in r.stop),
-                default=0,
-            )
-            + 2
+            stop_window(r, lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"]))
             for r in requests
         ]
 
@@ -441,6 +430,86 @@ def first_stop(text: str, stops: Sequence[str]) -> int | None:
     """Index of the earliest stop string in ``text``, or None."""
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
+
+
+def stop_window(request: GenerateRequest, count_tokens: Callable[[str], int]) -> int:
+    """How many of the last generated tokens a stop check decodes: the longest stop string's
+    token count (``count_tokens``, without special tokens) plus 2."""
+    return max((count_tokens(s) for s in request.stop), default=0) + 2
+
+
+def finish_generation(
+    request: GenerateRequest,
+    ids: list[int],
+    stopped_at: int | None,
+    *,
+    is_end: Callable[[int], bool],
+    decode: Callable[[list[int]], str],
+) -> tuple[str, int]:
+    """The output text of generated ``ids`` cut at the first stop string, and the tokens it took
+    (every engine's rule, see the module docstring).
+
+    ``ids`` are cut at ``request.max_new_tokens`` and after the first end-of-sequence token
+    (``is_end``: it counts, its text does not; ``decode`` skips special tokens). ``stopped_at``
+    is how many tokens the stop check took to see a stop string, when it saw one; otherwise the
+    fewest leading tokens whose text holds it are found by binary search.
+    """
+    ids = ids[: request.max_new_tokens]
+    end = len(ids)
+    for pos, token in enumerate(ids):
+        if is_end(token):
+            end = pos + 1  # the EOS was generated: it counts, its text does not
+            break
+    text = decode(ids[:end])
+    cut = first_stop(text, request.stop)
+    if cut is None:
+        return text, end
+    tokens_out = stopped_at if stopped_at is not None else _tokens_to_stop(ids, request, decode)
+    return text[:cut], min(tokens_out, end)
+
+
+def _tokens_to_stop(
+    ids: list[int], request: GenerateRequest, decode: Callable[[list[int]], str]
+) -> int:
+    """Fewest leading tokens whose text holds a stop string (binary search)."""
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if first_stop(decode(ids[:mid]), request.stop) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def pair_texts(context: str, continuation: str) -> list[tuple[str, bool]]:
+    """The texts ``split_pair`` tokenises, with their special-tokens flag: the continuation
+    alone for an empty context, else context + continuation and the context, after the
+    context's trailing spaces moved to the continuation (lm-eval)."""
+    if not context:
+        return [(continuation, False)]
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    return [(context + continuation, True), (context, True)]
+
+
+def split_pair(
+    context: str,
+    continuation: str,
+    encode: Callable[[str, bool], list[int]],
+    empty_context: int,
+) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation) as lm-evaluation-harness splits them: context +
+    continuation encoded whole (``encode(text, special_tokens)``) and split at the context's
+    own token length; an empty context is ``[empty_context]`` (BOS, else EOS)."""
+    if not context:
+        return [empty_context], encode(continuation, False)
+    (whole_text, _), (context_text, _) = pair_texts(context, continuation)
+    whole = encode(whole_text, True)
+    context_ids = encode(context_text, True)
+    return whole[: len(context_ids)], whole[len(context_ids) :]
 
 
 def _pad(rows: list[list[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,7 @@ from slmtui.tasks.base import (
     LoglikelihoodRequest,
     LoglikelihoodResponse,
 )
-from slmtui.worker.engines.base import Completed, text_config
+from slmtui.worker.engines.base import Completed, LoadedModel, text_config
 from slmtui.worker.engines.fast.attention import (
     ATTENTION_NAME,
     DECODE_ATTENTIONS,
@@ -118,6 +118,13 @@ class FastEngine(PlainEngine):
     """
 
     name = "fast"
+    fallback = "plain"
+
+    @classmethod
+    def refusal(cls, loaded: LoadedModel) -> str | None:
+        from slmtui.worker.engines.support import fast_refusal
+
+        return fast_refusal(loaded.model)
 
     def __init__(
         self,
