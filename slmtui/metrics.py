@@ -109,6 +109,10 @@ class RunMetrics:
     """The engine the spec asked for."""
     engine_fallback: str | None = None
     """Why ``engine`` is plain although fast was asked for, or None."""
+    decode_step: str | None = None
+    """The fast engine's decode step: "native" (its own layer function over fused weights) or
+    "transformers" (the model's forward), with " compiled" when it ran through torch.compile;
+    None for plain. Why native did not run is in ``notes``."""
     dtype: str | None = None
     weights: str | None = None
     """What the run computed with: "bfloat16", "gguf Q4_1 dequantised to float32", plus the
@@ -123,6 +127,12 @@ class RunMetrics:
     quantize_s: float | None = None
     """Seconds spent quantising (inside ``load_s``)."""
     quantized_layers: int | None = None
+    quantize_fused_groups: int | None = None
+    """Groups of projections (a layer's QKV, its gate and up) quantised as one matrix each."""
+    quantize_unfused: list[str] | None = None
+    """Groups that could not be quantised fused, and why (each was quantised layer by layer)."""
+    quantize_skipped: list[str] | None = None
+    """Linear layers torchao left in full precision."""
     torchao_version: str | None = None
     batch_size: int | None = None
     """Most sequences in flight (fast) or per batch (plain); what the engine chose for "auto"."""

@@ -337,6 +337,7 @@ def _run(
         engine=engine.name,
         engine_requested=spec.engine,
         engine_fallback=chosen.fallback,
+        decode_step=getattr(engine, "decode_step", None),
         dtype=str(loaded.dtype).removeprefix("torch."),
         batch_size=engine.batch_size if spec.batch_size == "auto" else spec.batch_size,
         batch_size_requested=spec.batch_size,
