@@ -38,7 +38,8 @@ class LayerPlan:
     ``(normed * (1 + weight)).to(dtype)`` in float32 (Gemma; the weight given as 1 + weight)."""
     eps: float
     qk_norm: bool
-    """Per-head RMSNorm of queries and keys before the rotary embedding (Qwen3, Gemma 3)."""
+    """Per-head RMSNorm of queries and keys before the rotary embedding (Qwen3, Gemma 3); the
+    weights come as one [heads + kv_heads, head_dim] tensor (``qk_norm``)."""
     sandwich: bool
     """Gemma: a norm after attention, a separate norm before the MLP and one after it."""
     scaling: float
@@ -56,16 +57,14 @@ class LayerPlan:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str) -> torch.Tensor:
-    """LlamaRMSNorm.forward ("scaled"), Gemma3RMSNorm.forward ("one_plus", weight = 1 + w in
-    float32, which the model computes on every call)."""
+    """LlamaRMSNorm.forward ("scaled": the weight multiplies in ``x``'s dtype) and
+    Gemma3RMSNorm.forward ("one_plus": ``weight`` is 1 + w in float32, multiplied in float32),
+    over the last dimension; ``weight`` may be [..., dim] (queries and keys together). The
+    normalisation itself is one ``F.rms_norm`` call in float32 (fewer kernels when not compiled)."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
     if kind == "one_plus":
-        out = x.float()
-        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + eps)
-        return (out * weight).type_as(x)
-    dtype = x.dtype
-    hidden = x.to(torch.float32)
-    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * hidden.to(dtype)
+        return (normed * weight).type_as(x)
+    return weight * normed.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -115,14 +114,17 @@ def make_decode_layer(
             q = F.linear(hidden, w["q"], w.get("q_bias"))
             k = F.linear(hidden, w["k"], w.get("k_bias"))
             v = F.linear(hidden, w["v"], w.get("v_bias"))
-        q = q.reshape(rows, heads, dim)
-        k = k.reshape(rows, kv_heads, dim)
-        v = v.reshape(rows, kv_heads, dim)
+        # queries and keys side by side: one norm and one rotation for both
+        qk = (
+            torch.cat([q, k], dim=-1)
+            if not plan.fused_qkv
+            else qkv[:, : plan.q_size + plan.kv_size]
+        )
+        qk = qk.reshape(rows, heads + kv_heads, dim)
         if plan.qk_norm:
-            q = rms_norm(q, w["q_norm"], eps, kind)
-            k = rms_norm(k, w["k_norm"], eps, kind)
-        q = rotate(q, cos, sin)
-        k = rotate(k, cos, sin)
+            qk = rms_norm(qk, w["qk_norm"], eps, kind)
+        q, k = rotate(qk, cos, sin).split([heads, kv_heads], dim=1)
+        v = v.reshape(rows, kv_heads, dim)
         k_cache[rows_index, :, write_pos] = k
         v_cache[rows_index, :, write_pos] = v
         out = attend(q[:, :, None, :], k_cache[:rows], v_cache[:rows], mask, plan.scaling)

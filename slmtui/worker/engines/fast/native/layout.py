@@ -275,6 +275,8 @@ def read_layout(model: Any) -> NativeLayout:
             "native decode step: projections quantised one by one are read one by one "
             "(fewer products when quantised fused, as worker.quantize does)"
         )
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     weights: list[dict[str, torch.Tensor]] = []
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -286,9 +288,13 @@ def read_layout(model: Any) -> NativeLayout:
             w["post_mlp_norm"] = _norm_weight(layer.post_feedforward_layernorm, kind)
         else:
             w["mlp_norm"] = _norm_weight(layer.post_attention_layernorm, kind)
-        if model_type in QK_NORM:
-            w["q_norm"] = _norm_weight(attn.q_norm, kind)
-            w["k_norm"] = _norm_weight(attn.k_norm, kind)
+        if model_type in QK_NORM:  # one weight row per query head, then per key head
+            w["qk_norm"] = torch.cat(
+                [
+                    _norm_weight(attn.q_norm, kind).expand(heads, -1),
+                    _norm_weight(attn.k_norm, kind).expand(kv_heads, -1),
+                ]
+            )
         if in_model:
             _linear(w, "qkv", attn.qkv_proj)
             _linear(w, "gate_up", mlp.gate_up_proj)
@@ -299,12 +305,10 @@ def read_layout(model: Any) -> NativeLayout:
         _linear(w, "down", mlp.down_proj)
         weights.append(w)
     attn0 = layers[0].self_attn
-    heads = int(config.num_attention_heads)
-    head_dim = int(attn0.head_dim)
     plan = LayerPlan(
         heads=heads,
-        kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
-        head_dim=head_dim,
+        kv_heads=kv_heads,
+        head_dim=int(attn0.head_dim),
         norm=kind,
         eps=_norm_eps(layers[0].input_layernorm),
         qk_norm=model_type in QK_NORM,

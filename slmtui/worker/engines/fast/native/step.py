@@ -96,6 +96,13 @@ class NativeDecoder:
         self.capacity = capacity
         return None
 
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """[rows, 1, 1, slots]: 0 where allowed, -inf elsewhere, in the model's dtype: what SDPA
+        makes of a boolean mask, made once per step instead of once per layer."""
+        blocked = torch.tensor(float("-inf"), dtype=self.layout.dtype, device=allowed.device)
+        zero = torch.zeros((), dtype=self.layout.dtype, device=allowed.device)
+        return torch.where(allowed, zero, blocked)[:, None, None, :]
+
     def logits(
         self,
         ids: torch.Tensor,
@@ -113,10 +120,10 @@ class NativeDecoder:
         rows = ids.shape[0]
         write = torch.where(active, pos, trash)[:, 0]
         allowed = torch.where(active, slots[None, :] <= pos, slots[None, :] == trash)
-        masks: dict[int | None, torch.Tensor] = {None: allowed[:, None, None, :]}
+        masks: dict[int | None, torch.Tensor] = {None: self._additive(allowed)}
         for window in {w for w in layout.windows if w is not None}:
             slide = torch.where(active, allowed & (slots[None, :] > pos - window), allowed)
-            masks[window] = slide[:, None, None, :]
+            masks[window] = self._additive(slide)
         where = pos[:, 0].clamp(max=self.capacity - 1)
         rotary = {
             kind: (cos[where][:, None, :], sin[where][:, None, :])
