@@ -338,6 +338,11 @@ def test_the_compiled_layer_traces_whole_and_matches_eager(
     assert compiled.decode_step == "native compiled", compiled.notes
     got = compiled.teacher_forced_logits(prompts, forced)
     assert float((got - want).abs().max()) <= 1e-5
+    again = FastEngine(
+        model, tokenizer, batch_size=2, compile_step=True, compile_backend="aot_eager"
+    )
+    assert again._native is not None and compiled._native is not None
+    assert again._native.layer is compiled._native.layer  # the next run's engine compiles nothing
 
 
 def test_compiled_steps_start_at_two_rows():

@@ -24,7 +24,7 @@ import torch
 
 from slmtui.worker.engines.base import text_config
 from slmtui.worker.engines.fast.attention import ATTENTION_FUNCTIONS
-from slmtui.worker.engines.fast.native.layer import Attend, make_decode_layer
+from slmtui.worker.engines.fast.native.layer import Attend, LayerPlan, make_decode_layer
 from slmtui.worker.engines.fast.native.layout import NativeLayout, read_layout, rope_limit
 from slmtui.worker.engines.fast.slot_cache import SlotCache
 
@@ -49,6 +49,28 @@ def attention_for(variant: str, heads: int, kv_heads: int) -> tuple[str, Attend]
     return variant, attend
 
 
+RECOMPILE_LIMIT = 64
+"""torch.compile's graphs per function before it silently runs it uncompiled (torch's default
+is 8): every model, step shape and weight format in one worker process adds one or two."""
+_COMPILED: dict[tuple[Any, ...], Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
+"""Compiled layer functions by what they compute: a second engine for the same model (a worker
+serving a group of runs, each with its own engine) reuses the graphs of the first."""
+
+
+def compiled_layer(
+    plan: LayerPlan, attention: str, attend: Attend, act: Any, backend: Any
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The compiled layer function for ``plan`` (one per kind of layer, shared by engines)."""
+    state = tuple(sorted((k, repr(v)) for k, v in vars(act).items() if not k.startswith("_")))
+    key = (plan, attention, type(act), state, backend if isinstance(backend, str) else id(backend))
+    if key not in _COMPILED:
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+        layer = make_decode_layer(plan, attend, act)
+        _COMPILED[key] = torch.compile(layer, fullgraph=True, backend=backend)
+    return _COMPILED[key]
+
+
 class NativeDecoder:
     """The native decode step of one model (module docstring)."""
 
@@ -64,11 +86,14 @@ class NativeDecoder:
         self.config = text_config(model.config)
         plan = self.layout.plan
         self.attention, attend = attention_for(attention, plan.heads, plan.kv_heads)
-        layer = make_decode_layer(plan, attend, self.layout.act)
         self.compiled = compile_layers
-        self.layer: Callable[..., tuple[torch.Tensor, torch.Tensor]] = layer
+        self.layer: Callable[..., tuple[torch.Tensor, torch.Tensor]] = make_decode_layer(
+            plan, attend, self.layout.act
+        )
         if compile_layers:
-            self.layer = torch.compile(layer, fullgraph=True, backend=compile_backend)
+            self.layer = compiled_layer(
+                plan, self.attention, attend, self.layout.act, compile_backend
+            )
         self.notes = list(self.layout.notes)
         self.capacity = 0
         self._tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
