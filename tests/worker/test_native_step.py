@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 from test_fast_contract import FAMILIES, LL_REQUESTS, PROMPTS, SMALL, load
+from torch._dynamo.utils import counters
 
 from slmtui.tasks.base import GenerateRequest, LoglikelihoodResponse
 from slmtui.worker.engines.fast import FastEngine
@@ -331,6 +332,7 @@ def test_the_compiled_layer_traces_whole_and_matches_eager(
     eager = FastEngine(model, tokenizer, batch_size=4, decode_step="native", compile_step=False)
     want = eager.teacher_forced_logits(prompts, forced)
     torch._dynamo.reset()
+    counters.clear()
     compiled = FastEngine(
         model, tokenizer, batch_size=4, compile_step=True, compile_backend="aot_eager"
     )
@@ -338,6 +340,9 @@ def test_the_compiled_layer_traces_whole_and_matches_eager(
     assert compiled.decode_step == "native compiled", compiled.notes
     got = compiled.teacher_forced_logits(prompts, forced)
     assert float((got - want).abs().max()) <= 1e-5
+    compiled._step_idx.zero_()
+    compiled._decode_step(2)  # the 2-row bucket runs the 4-row graph: rows are dynamic
+    assert counters["stats"]["unique_graphs"] == 1
     again = FastEngine(
         model, tokenizer, batch_size=2, compile_step=True, compile_backend="aot_eager"
     )

@@ -57,14 +57,14 @@ class LayerPlan:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str) -> torch.Tensor:
-    """LlamaRMSNorm.forward ("scaled": the weight multiplies in ``x``'s dtype) and
-    Gemma3RMSNorm.forward ("one_plus": ``weight`` is 1 + w in float32, multiplied in float32),
-    over the last dimension; ``weight`` may be [..., dim] (queries and keys together). The
-    normalisation itself is one ``F.rms_norm`` call in float32 (fewer kernels when not compiled)."""
-    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    """LlamaRMSNorm.forward ("scaled": normalised in float32, rounded to ``x``'s dtype, then
+    multiplied by the weight in that dtype) and Gemma3RMSNorm.forward ("one_plus": ``weight`` is
+    1 + w in float32, multiplied in float32, then rounded), over the last dimension; ``weight``
+    may be [..., dim] (queries and keys together). The normalisation is one ``F.rms_norm``
+    call, which computes in float32 whatever the input's dtype (one fused kernel on CUDA)."""
     if kind == "one_plus":
-        return (normed * weight).type_as(x)
-    return weight * normed.to(x.dtype)
+        return (F.rms_norm(x.float(), (x.shape[-1],), eps=eps) * weight).type_as(x)
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

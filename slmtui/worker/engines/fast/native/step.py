@@ -67,7 +67,9 @@ def compiled_layer(
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
         layer = make_decode_layer(plan, attend, act)
-        _COMPILED[key] = torch.compile(layer, fullgraph=True, backend=backend)
+        # static shapes but the rows (``NativeDecoder.logits`` marks them): one graph for every
+        # bucket of 2 rows or more, a new one only for other widths (another model)
+        _COMPILED[key] = torch.compile(layer, fullgraph=True, backend=backend, dynamic=False)
     return _COMPILED[key]
 
 
@@ -124,9 +126,10 @@ class NativeDecoder:
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         """[rows, 1, 1, slots]: 0 where allowed, -inf elsewhere, in the model's dtype: what SDPA
         makes of a boolean mask, made once per step instead of once per layer."""
-        blocked = torch.tensor(float("-inf"), dtype=self.layout.dtype, device=allowed.device)
-        zero = torch.zeros((), dtype=self.layout.dtype, device=allowed.device)
-        return torch.where(allowed, zero, blocked)[:, None, None, :]
+        blocked = torch.full(
+            allowed.shape, float("-inf"), dtype=self.layout.dtype, device=allowed.device
+        )
+        return blocked.masked_fill_(allowed, 0.0)[:, None, None, :]  # no host tensor: capturable
 
     def logits(
         self,
@@ -157,8 +160,20 @@ class NativeDecoder:
         residual = layout.embed(ids)[:, 0]  # the modules at either end see transformers' shapes
         delta = torch.zeros_like(residual)
         rows_index = self._rows_index[:rows]
+        by_row = self.compiled and rows > 1
+        if by_row:
+            for tensor in (
+                rows_index,
+                write,
+                *masks.values(),
+                *(t for p in rotary.values() for t in p),
+            ):
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
         for index, weights in enumerate(layout.weights):
             cos, sin = rotary[layout.rope_kinds[index]]
+            if by_row:
+                torch._dynamo.maybe_mark_dynamic(residual, 0)
+                torch._dynamo.maybe_mark_dynamic(delta, 0)
             residual, delta = self.layer(
                 residual,
                 delta,
