@@ -304,7 +304,17 @@ def test_a_native_step_that_raises_gives_way(
     )
 
 
-def test_a_compiled_step_that_fails_to_compile_runs_eagerly(qwen2: tuple[Any, Any]):
+@pytest.fixture
+def compile_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The compile cache in a temporary folder (never the user's), inductor's variable restored."""
+    monkeypatch.setenv("SLMTUI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    return tmp_path / "cache" / "compile"
+
+
+def test_a_compiled_step_that_fails_to_compile_runs_eagerly(
+    qwen2: tuple[Any, Any], compile_cache: Path
+):
     model, tokenizer = qwen2
 
     def broken_backend(graph: Any, example_inputs: Any) -> Any:
@@ -321,7 +331,7 @@ def test_a_compiled_step_that_fails_to_compile_runs_eagerly(qwen2: tuple[Any, An
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])
 def test_the_compiled_layer_traces_whole_and_matches_eager(
-    family: str, tmp_path: Path, tiny_model_dir: Path
+    family: str, tmp_path: Path, tiny_model_dir: Path, compile_cache: Path
 ):
     """torch.compile (fullgraph, AOT autograd without inductor: the CPU has no time for it)
     takes the layer function whole, cache write included, and changes no logit."""
@@ -343,6 +353,7 @@ def test_the_compiled_layer_traces_whole_and_matches_eager(
     compiled._step_idx.zero_()
     compiled._decode_step(2)  # the 2-row bucket runs the 4-row graph: rows are dynamic
     assert counters["stats"]["unique_graphs"] == 1
+    assert (compile_cache / "inductor").is_dir()  # where inductor keeps what it compiles
     again = FastEngine(
         model, tokenizer, batch_size=2, compile_step=True, compile_backend="aot_eager"
     )
@@ -471,3 +482,20 @@ def test_int8_native_step_reads_fused_quantised_projections(
         for c in PlainEngine(model, tokenizer, batch_size=1).generate(requests)
     }
     assert {c.index: c.response.text for c in engine.generate(requests)} == plain
+
+
+def test_the_compile_cache_lives_in_slmtuis_cache_unless_the_user_chose_one(
+    compile_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from slmtui.worker.engines.fast.compiling import use_compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what torch sets itself
+    assert use_compile_cache() == compile_cache / "inductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(compile_cache / "inductor")
+    mine = tmp_path / "my-inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(mine))
+    assert use_compile_cache() == mine and mine.is_dir()
