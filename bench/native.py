@@ -23,7 +23,8 @@ the parts not yet started):
   b64, b256        Qwen2.5-0.5B, 64 / 256 sequences x (128 + 256): tokens/s and peak memory of
                    every path against plain generate at that batch size (peak allocated over the
                    memory allocated when the path started, so what a path before it left does
-                   not count), with the KV cache's share and the memory after warm-up
+                   not count), split into the warm-up's peak and the runs' peak, with the KV
+                   cache's size, the memory still allocated after warm-up and torch's reserved
   fidelity         Qwen2.5-0.5B, 32 prompts x 64 tokens: teacher-forced log-probs of each path's
                    decode step against transformers' forward of the whole sequence (max and
                    median |d log p|), and greedy sequences identical to plain's, for each path
@@ -82,6 +83,7 @@ from engine import (
 from slmtui.tasks.base import GenerateRequest
 from slmtui.worker.engines.fast import FastEngine
 from slmtui.worker.engines.plain import PlainEngine
+from slmtui.worker.fusion import fuse_projections
 
 PATHS: dict[str, tuple[str, bool]] = {
     "transformers": ("transformers", False),
@@ -153,8 +155,12 @@ def run_path(
     path's start; optionally the profiler's view of one decode step."""
     start_mib = reset_memory()
     built_s, engine = timed(lambda: engine_for(model, batch, path, s.backend))
+    engine.prepare(reqs, [])  # as the runner does: the cache sized for these requests
     warm_s, _ = timed(lambda: engine.warmup(reqs[:batch], []))
     after_warmup_mib = (torch.cuda.memory_allocated() / MIB - start_mib) if CUDA else 0.0
+    warmup_peak_mib = peak_mib() - start_mib if CUDA else 0.0
+    if CUDA:  # the runs' own peak, apart from the warm-up's (capture, check, warm-up prefill)
+        torch.cuda.reset_peak_memory_stats()
     rates, tokens = [], 0
     for _ in range(s.repeats):
         seconds, done = timed(lambda: list(engine.generate(reqs)))
@@ -176,8 +182,11 @@ def run_path(
         "cache_mib": report.cache_bytes / MIB,
         "start_mem_mib": start_mib,
         "after_warmup_over_start_mib": after_warmup_mib,
-        "peak_mem_mib": peak_mib(),
-        "peak_over_start_mib": peak_mib() - start_mib,
+        "warmup_peak_over_start_mib": warmup_peak_mib,
+        "run_peak_over_start_mib": peak_mib() - start_mib if CUDA else 0.0,
+        "reserved_mib": torch.cuda.memory_reserved() / MIB if CUDA else 0.0,
+        "peak_mem_mib": start_mib + max(warmup_peak_mib, peak_mib() - start_mib),
+        "peak_over_start_mib": max(warmup_peak_mib, peak_mib() - start_mib),
         "decode_attention": engine.decode_attention,
         "notes": list(engine.notes),
     }
@@ -192,15 +201,21 @@ def run_plain(model: Any, reqs: list[GenerateRequest], batch: int) -> dict[str, 
     start_mib = reset_memory()
     engine = PlainEngine(model, IdTokenizer(), batch_size=batch)
     warm_s, _ = timed(lambda: engine.warmup(reqs[: min(batch, 4)], []))
+    warmup_peak_mib = peak_mib() - start_mib if CUDA else 0.0
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
     seconds, done = timed(lambda: list(engine.generate(reqs)))
     tokens = sum(c.tokens_out for c in done)
+    run_peak_mib = peak_mib() - start_mib if CUDA else 0.0
     return {
         "tokens": tokens,
         "tokens_per_s": tokens / seconds,
         "warmup_s": warm_s,
         "start_mem_mib": start_mib,
-        "peak_mem_mib": peak_mib(),
-        "peak_over_start_mib": peak_mib() - start_mib,
+        "warmup_peak_over_start_mib": warmup_peak_mib,
+        "run_peak_over_start_mib": run_peak_mib,
+        "peak_mem_mib": start_mib + max(warmup_peak_mib, run_peak_mib),
+        "peak_over_start_mib": max(warmup_peak_mib, run_peak_mib),
     }
 
 
@@ -302,7 +317,9 @@ def show(path: str, r: dict[str, Any], floor: float, plain: dict[str, Any] | Non
         memory = (
             f"  peak +{r['peak_over_start_mib']:,.0f} MiB (plain +"
             f"{plain['peak_over_start_mib']:,.0f}: x{r['mem_x_plain']:.2f}; cache "
-            f"{r['cache_mib']:,.0f}, after warm-up +{r['after_warmup_over_start_mib']:,.0f})"
+            f"{r['cache_mib']:,.0f}, after warm-up +{r['after_warmup_over_start_mib']:,.0f}, "
+            f"warm-up peak +{r['warmup_peak_over_start_mib']:,.0f}, runs' peak "
+            f"+{r['run_peak_over_start_mib']:,.0f})"
         )
     profile = r.get("step_profile", {})
     kernels = ""
@@ -354,6 +371,7 @@ def part_fidelity(model: Any, s: Settings) -> dict[str, Any]:
 
     def check(path: str) -> dict[str, Any]:
         engine = engine_for(model, n, path, s.backend)
+        engine.prepare(reqs, [])
         engine.warmup(reqs[:n], [])
         outs = {c.index: [int(t) for t in c.response.text.split()] for c in engine.generate(reqs)}
         diff = (engine.teacher_forced_logprobs(ids, forced) - ref).abs().flatten()
@@ -434,13 +452,14 @@ def probe(cases: str, smoke: bool) -> None:
         if key not in held:
             held.clear()
             reset_memory()
-            held[key] = build_model(QWEN25_05B if key == "0.5b" else QWEN25_7B, s.layers)
+            held[key] = fused_model(key, s)
         model = held[key]
         ids = prompts(rows, PROMPT, model.config.vocab_size, seed=1)
         new = s.new_b1 if rows == 1 else s.new_batched
         reqs = [GenerateRequest(as_text(p), new) for p in ids]
         try:
             engine = engine_for(model, rows, "native_compiled", s.backend)
+            engine.prepare(reqs, [])
             warm_s, _ = timed(lambda e=engine, r=reqs[:rows]: e.warmup(r, []))
             out["cases"][case] = {
                 "warmup_s": warm_s,
@@ -453,6 +472,15 @@ def probe(cases: str, smoke: bool) -> None:
         except Exception as exc:
             out["cases"][case] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     print(json.dumps(out), flush=True)
+
+
+def fused_model(key: str, s: Settings) -> Any:
+    """The model, its QKV and gate/up fused at once (row views: transformers' forward is
+    unchanged), so that no path's peak holds the fusion's one-layer transient."""
+    model = build_model(QWEN25_05B if key == "0.5b" else QWEN25_7B, s.layers)
+    fuse_projections(model)
+    reset_memory()
+    return model
 
 
 def guarded(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -519,7 +547,7 @@ def main() -> None:
         if key not in held:
             held.clear()
             reset_memory()
-            held[key] = build_model(QWEN25_05B if key == "0.5b" else QWEN25_7B, s.layers)
+            held[key] = fused_model(key, s)
             result[f"weight_mib_per_step_{key}"] = weight_bytes_per_step(held[key]) / MIB
         return held[key]
 

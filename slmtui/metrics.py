@@ -112,7 +112,8 @@ class RunMetrics:
     decode_step: str | None = None
     """The fast engine's decode step: "native" (its own layer function over fused weights) or
     "transformers" (the model's forward), with " compiled" when it ran through torch.compile;
-    None for plain. Why native did not run is in ``notes``."""
+    None for plain and for log-likelihood runs (nothing decodes). Why native did not run is in
+    ``notes``."""
     dtype: str | None = None
     weights: str | None = None
     """What the run computed with: "bfloat16", "gguf Q4_1 dequantised to float32", plus the

@@ -337,7 +337,7 @@ def _run(
         engine=engine.name,
         engine_requested=spec.engine,
         engine_fallback=chosen.fallback,
-        decode_step=getattr(engine, "decode_step", None),
+        decode_step=getattr(engine, "decode_step", None) if settings.mode == "generate" else None,
         dtype=str(loaded.dtype).removeprefix("torch."),
         batch_size=engine.batch_size if spec.batch_size == "auto" else spec.batch_size,
         batch_size_requested=spec.batch_size,
