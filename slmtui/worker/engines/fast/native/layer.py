@@ -56,12 +56,24 @@ class LayerPlan:
         return self.kv_heads * self.head_dim
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str) -> torch.Tensor:
+def _rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str, spelled: bool = False
+) -> torch.Tensor:
     """LlamaRMSNorm.forward ("scaled": normalised in float32, rounded to ``x``'s dtype, then
     multiplied by the weight in that dtype) and Gemma3RMSNorm.forward ("one_plus": ``weight`` is
     1 + w in float32, multiplied in float32, then rounded), over the last dimension; ``weight``
-    may be [..., dim] (queries and keys together). The normalisation is one ``F.rms_norm``
-    call, which computes in float32 whatever the input's dtype (one fused kernel on CUDA)."""
+    may be [..., dim] (queries and keys together).
+
+    Eagerly the normalisation is one ``F.rms_norm`` call (float32 inside whatever the input's
+    dtype; one kernel where torch has a fused one); ``spelled`` writes it out as the models do,
+    for ``torch.compile`` to fuse with the residual add and the weight (inductor calls a fused
+    rms_norm kernel as an opaque op)."""
+    if spelled:
+        hidden = x.float()
+        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+        if kind == "one_plus":
+            return (hidden * weight).type_as(x)
+        return weight * hidden.to(x.dtype)
     if kind == "one_plus":
         return (F.rms_norm(x.float(), (x.shape[-1],), eps=eps) * weight).type_as(x)
     return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
@@ -83,11 +95,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def make_decode_layer(
-    plan: LayerPlan, attend: Attend, act: Callable[[torch.Tensor], torch.Tensor]
+    plan: LayerPlan,
+    attend: Attend,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    compiled: bool = False,
 ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """The layer function for ``plan`` (module docstring)."""
+    """The layer function for ``plan`` (module docstring); ``compiled``: for torch.compile (the
+    norms spelled out, see ``_rms_norm``)."""
     heads, kv_heads, dim = plan.heads, plan.kv_heads, plan.head_dim
     kind, eps = plan.norm, plan.eps
+
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str) -> torch.Tensor:
+        return _rms_norm(x, weight, eps, kind, compiled)
 
     def decode_layer(
         residual: torch.Tensor,

@@ -66,7 +66,7 @@ def compiled_layer(
     if key not in _COMPILED:
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-        layer = make_decode_layer(plan, attend, act)
+        layer = make_decode_layer(plan, attend, act, compiled=True)
         # static shapes but the rows (``NativeDecoder.logits`` marks them): one graph for every
         # bucket of 2 rows or more, a new one only for other widths (another model)
         _COMPILED[key] = torch.compile(layer, fullgraph=True, backend=backend, dynamic=False)
