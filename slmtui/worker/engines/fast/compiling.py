@@ -36,10 +36,14 @@ def use_compile_cache() -> Path:
     first time anything asks for its cache, so a value equal to that default counts as unset.
     Triton's kernels go under the same directory unless ``TRITON_CACHE_DIR`` is set.
     """
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
+        torch_default: str | None = default_cache_dir()
+    except (ImportError, AttributeError):  # another torch: only an unset variable is ours
+        torch_default = None
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current is None or current == default_cache_dir():
+    if current is None or current == torch_default:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir() / "inductor")
     chosen = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     chosen.mkdir(parents=True, exist_ok=True)

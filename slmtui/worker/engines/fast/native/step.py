@@ -65,7 +65,8 @@ def compiled_layer(
     key = (plan, attention, type(act), state, backend if isinstance(backend, str) else id(backend))
     if key not in _COMPILED:
         config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
         layer = make_decode_layer(plan, attend, act, compiled=True)
         # static shapes but the rows (``NativeDecoder.logits`` marks them): one graph for every
         # bucket of 2 rows or more, a new one only for other widths (another model)
