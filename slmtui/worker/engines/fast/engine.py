@@ -864,7 +864,10 @@ class FastEngine(PlainEngine):
             longest = max(len(self._encode(r.prompt)) for r in generate)
             budget = max(r.max_new_tokens for r in generate)
             # the run's real need when prepare saw every request, else a margin for longer ones
-            tokens = self._planned_tokens or int(longest * 1.25) + budget
+            if self._planned_tokens:
+                tokens = max(self._planned_tokens, longest + budget)
+            else:
+                tokens = int(longest * 1.25) + budget
             self._ensure_capacity(min(self.max_length, tokens))
             self._touch_buffers(max(1, longest))
             self.warmup_report.cache_bytes = self._cache.nbytes() if self._cache else 0
