@@ -110,6 +110,17 @@ def fused_group(owner: Any, names: tuple[str, ...]) -> FusedGroup | None:
     return group
 
 
+def fused_tensors(model: Any) -> list[torch.Tensor]:
+    """The fused matrices (and biases) of ``model``'s groups: memory its parameters share,
+    except what a quantised slice had to copy (``share_rows``), which the fused matrix keeps too."""
+    out: list[torch.Tensor] = []
+    for owner, names, _ in groups_of(model):
+        group = fused_group(owner, names)
+        if group is not None:
+            out += [group.weight] + ([group.bias] if group.bias is not None else [])
+    return out
+
+
 @torch.no_grad()
 def fuse_projections(model: Any) -> int:
     """Fuse every full-precision group (weights become row views of one matrix); the number of

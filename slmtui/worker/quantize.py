@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from slmtui.quantization import INT4_GROUP_SIZE, scheme, torchao_version
-from slmtui.worker.fusion import quantize_fused
+from slmtui.worker.fusion import fused_tensors, quantize_fused
 
 
 class QuantizeError(Exception):
@@ -54,9 +54,12 @@ def tensor_bytes(tensor: torch.Tensor, seen: set[int] | None = None) -> int:
 
 
 def weight_bytes(model: Any) -> int:
-    """Bytes of the model's parameters as stored (tied matrices once, quantised at their size)."""
+    """Bytes of the model's parameters as stored (tied matrices once, quantised at their size),
+    and of its fused groups' matrices where they hold more than the parameters' views of them
+    (int4's per-group scales, copied for each member's slice: ``fusion.share_rows``)."""
     seen: set[int] = set()
-    return sum(tensor_bytes(p.data if hasattr(p, "data") else p, seen) for p in model.parameters())
+    tensors = [p.data if hasattr(p, "data") else p for p in model.parameters()]
+    return sum(tensor_bytes(t, seen) for t in [*tensors, *fused_tensors(model)])
 
 
 INT4_GROUPS = (INT4_GROUP_SIZE, 64, 32)

@@ -35,6 +35,7 @@ from slmtui.worker.engines.fast.native import NativeDecoder, native_refusal
 from slmtui.worker.engines.plain import PlainEngine
 from slmtui.worker.engines.support import NATIVE_FAMILIES
 from slmtui.worker.fusion import fuse_projections, fused_group
+from slmtui.worker.quantize import weight_bytes
 
 LOGIT_TOLERANCE = 1e-4
 """Largest |native - transformers| logit in float32 (measured: at most 6e-6, logits up to ~12)."""
@@ -226,7 +227,9 @@ def test_fusion_shares_the_models_own_memory_and_changes_nothing(qwen2: tuple[An
     ids = torch.tensor([list(tokenizer(PROMPTS[0])["input_ids"])])
     with torch.inference_mode():
         before = model(ids).logits
+    stored = weight_bytes(model)
     assert fuse_projections(model) == 2 * model.config.num_hidden_layers
+    assert weight_bytes(model) == stored  # the fused matrices are the parameters' memory
     assert fuse_projections(model) == 0  # already fused
     attn = model.model.layers[0].self_attn
     group = fused_group(attn, ("q_proj", "k_proj", "v_proj"))
