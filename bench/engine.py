@@ -130,7 +130,10 @@ class IdTokenizer:
     eos_token_id = None
     bos_token_id = None
 
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict[str, Any]:
+        """One text's ids, or a list of texts' (``Engine.prepare`` tokenises in batches)."""
+        if isinstance(text, list):
+            return {"input_ids": [[int(t) for t in item.split()] for item in text]}
         return {"input_ids": [int(t) for t in text.split()]}
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:

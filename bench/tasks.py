@@ -20,6 +20,14 @@ Dry run on a CPU (minutes; numbers meaningless, the code paths the same)::
 
     python bench/tasks.py --device cpu --limit 3 --data-dir ../shared/data --out /tmp/tasks.json
 
+Accuracy of the native decode step against plain on the same items (issue 15; one process
+each, the fast engine's decode step chosen by ``--decode-step``, recorded per row)::
+
+    PYTHONUNBUFFERED=1 python bench/tasks.py --data-dir ../shared/data --dtype bfloat16 \
+        --engine fast --decode-step native --out "$OUT/tasks_native.json"
+    PYTHONUNBUFFERED=1 python bench/tasks.py --data-dir ../shared/data --dtype bfloat16 \
+        --engine plain --batch-size 32 --out "$OUT/tasks_plain.json"
+
 What it runs: the product's own path, ``slmtui.worker.runner.run_spec`` (data, warm-up, the
 measured window, scoring, NVML telemetry), once per task, in one process that keeps the model
 loaded (``runner.Models``, as a worker serving a group of runs does). ``--repeat N`` reads each
@@ -86,6 +94,7 @@ ROW_KEYS = (
     "batch_size",
     "dtype",
     "engine",
+    "decode_step",
     "notes",
 )
 
@@ -110,6 +119,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=lambda v: v if v == "auto" else int(v),
         default=64,
         help="sequences in flight (an integer, or auto: sized from free GPU memory)",
+    )
+    parser.add_argument(
+        "--decode-step",
+        choices=("auto", "native", "transformers"),
+        default=None,
+        help="the fast engine's decode step (SLMTUI_DECODE_STEP; default auto: native where "
+        "the model is supported)",
+    )
+    parser.add_argument(
+        "--compile-step",
+        choices=("auto", "on", "off"),
+        default=None,
+        help="compile the fast engine's decode step (SLMTUI_COMPILE_STEP; default auto: the "
+        "native step on CUDA)",
     )
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
     return parser.parse_args(argv)
@@ -220,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.decode_step:  # the runner builds its engine with the defaults these set
+        os.environ["SLMTUI_DECODE_STEP"] = args.decode_step
+    if args.compile_step:
+        os.environ["SLMTUI_COMPILE_STEP"] = args.compile_step
     import torch
     import transformers
 

@@ -114,6 +114,11 @@ class RunMetrics:
     threads: int | None = None
     """CPU threads the engine computed with, on the CPU (torch's intra-op threads; llama.cpp's
     ``n_threads``)."""
+    decode_step: str | None = None
+    """The fast engine's decode step: "native" (its own layer function over fused weights) or
+    "transformers" (the model's forward), with " compiled" when it ran through torch.compile;
+    None for plain and for log-likelihood runs (nothing decodes). Why native did not run is in
+    ``notes``."""
     dtype: str | None = None
     """What the weights were loaded as ("bfloat16", "float32"; llama.cpp: the GGUF file's
     type, "Q4_1")."""
@@ -130,6 +135,12 @@ class RunMetrics:
     quantize_s: float | None = None
     """Seconds spent quantising (inside ``load_s``)."""
     quantized_layers: int | None = None
+    quantize_fused_groups: int | None = None
+    """Groups of projections (a layer's QKV, its gate and up) quantised as one matrix each."""
+    quantize_unfused: list[str] | None = None
+    """Groups that could not be quantised fused, and why (each was quantised layer by layer)."""
+    quantize_skipped: list[str] | None = None
+    """Linear layers torchao left in full precision."""
     torchao_version: str | None = None
     llama_cpp_version: str | None = None
     """llama-cpp-python's version, for a llamacpp run (its llama.cpp is vendored with it)."""

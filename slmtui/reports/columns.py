@@ -158,6 +158,9 @@ REGISTRY: tuple[Col, ...] = (
         _extra("engine"), metric="engine"),
     Col("engine_fallback", "Engine note", "why plain ran instead of the engine asked for",
         _extra("engine_fallback"), metric="engine_fallback"),
+    Col("decode_step", "Decode step",
+        "the fast engine's decode step: native or transformers (the model's forward), "
+        "compiled or not; empty for plain", _extra("decode_step"), metric="decode_step"),
 )  # fmt: skip
 """Every column, in the exports' order."""
 

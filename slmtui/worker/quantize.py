@@ -13,6 +13,13 @@ tile-packed format pads each weight's input width to a multiple of 1024 (and the
 it): a 576-wide layer is stored 1.8x larger than its shape, which ``weight_bytes`` counts.
 Layers are counted after quantising: what torchao left in full precision is listed, never
 claimed. torchao is imported here only, lazily.
+
+For the families the fast engine's native decode step runs (``engines.support.NATIVE_FAMILIES``)
+each layer's query/key/value projections, and its gate/up projections, are fused in full
+precision first and quantised as one matrix (``worker.fusion.quantize_fused``): every output row
+is scaled on its own in both schemes, so the model's own layers, which get row slices of that
+matrix, compute what they would have separately, and the native step reads each group with one
+quantised product instead of three or two.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any
 import torch
 
 from slmtui.quantization import INT4_GROUP_SIZE, scheme, torchao_version
+from slmtui.worker.fusion import fused_tensors, quantize_fused
 
 
 class QuantizeError(Exception):
@@ -46,9 +54,12 @@ def tensor_bytes(tensor: torch.Tensor, seen: set[int] | None = None) -> int:
 
 
 def weight_bytes(model: Any) -> int:
-    """Bytes of the model's parameters as stored (tied matrices once, quantised at their size)."""
+    """Bytes of the model's parameters as stored (tied matrices once, quantised at their size),
+    and of its fused groups' matrices where they hold more than the parameters' views of them
+    (int4's per-group scales, copied for each member's slice: ``fusion.share_rows``)."""
     seen: set[int] = set()
-    return sum(tensor_bytes(p.data if hasattr(p, "data") else p, seen) for p in model.parameters())
+    tensors = [p.data if hasattr(p, "data") else p for p in model.parameters()]
+    return sum(tensor_bytes(t, seen) for t in [*tensors, *fused_tensors(model)])
 
 
 INT4_GROUPS = (INT4_GROUP_SIZE, 64, 32)
@@ -103,12 +114,25 @@ def quantize_model(model: Any, quantize: str) -> dict[str, Any]:
     chosen = {name: module for name, module in model.named_modules() if wanted(module, name)}
     if not chosen:
         raise QuantizeError(f"quantize '{quantize}': the model has no linear layer to quantise")
+    configs = _configs(quantize)
+    fused, unfused = 0, []
     try:
-        for group, config in _configs(quantize).items():
+        if fuses_projections(model):
+
+            def quantize_one(linear: torch.nn.Linear) -> None:
+                group = None if quantize == "int8" else int4_group(linear.in_features)
+                if group not in configs:
+                    raise ValueError(f"no int4 group size divides {linear.in_features}")
+                quantize_(linear, configs[group])
+
+            fused, unfused = quantize_fused(model, quantize_one)
+        for group, config in configs.items():
 
             def in_group(module: torch.nn.Module, name: str, group: int | None = group) -> bool:
-                return wanted(module, name) and (
-                    group is None or int4_group(module.in_features) == group
+                return (
+                    wanted(module, name)
+                    and not _is_quantized(module)
+                    and (group is None or int4_group(module.in_features) == group)
                 )
 
             if any(in_group(m, n) for n, m in chosen.items()):
@@ -150,4 +174,16 @@ def quantize_model(model: Any, quantize: str) -> dict[str, Any]:
     }
     if left:
         metrics["quantize_skipped"] = left
+    if fused or unfused:
+        metrics["quantize_fused_groups"] = fused
+    if unfused:
+        metrics["quantize_unfused"] = unfused
     return metrics
+
+
+def fuses_projections(model: Any) -> bool:
+    """Quantise QKV and gate/up as one matrix each: a family the native decode step runs."""
+    from slmtui.worker.engines.base import text_config
+    from slmtui.worker.engines.support import NATIVE_FAMILIES
+
+    return getattr(text_config(model.config), "model_type", None) in NATIVE_FAMILIES

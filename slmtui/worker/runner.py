@@ -345,6 +345,7 @@ def _run(
         engine=engine.name,
         engine_requested=spec.engine,
         engine_fallback=chosen.fallback,
+        decode_step=getattr(engine, "decode_step", None) if settings.mode == "generate" else None,
         dtype=loaded.dtype_name,
         batch_size=engine.batch_size_used(spec.batch_size),
         batch_size_requested=spec.batch_size,

@@ -356,6 +356,8 @@ def test_a_run_records_the_engine_the_spec_chose(
     metrics = run_spec(spec, "r1", events.append)
     assert metrics is not None
     assert metrics["engine"] == engine and metrics["n_samples"] == 3
+    # which decode step ran (arc_easy generates a few tokens): native on this Llama, none for plain
+    assert metrics["decode_step"] == ("native" if engine == "fast" else None)
 
 
 def test_a_profile_chooses_the_engine(tmp_path: Path):

@@ -25,6 +25,40 @@ FAST_FAMILIES: dict[str, str] = {
 """``config.model_type`` -> family, for every family with a contract test."""
 
 
+NATIVE_FAMILIES: dict[str, str] = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "gemma3_text": "Gemma3",
+    "phi3": "Phi3",
+}
+"""``config.model_type`` -> the class-name prefix of its transformers modules, for every family
+the fast engine's native decode step implements (``fast/native``; its tests check each one
+against transformers' forward)."""
+
+WINDOW_BY_LAYER_TYPE = frozenset({"qwen2", "qwen3", "gemma3_text"})
+"""Families whose model builds a sliding-window mask for the layers ``config.layer_types``
+marks ``sliding_attention`` (and a full causal mask for the others)."""
+WINDOW_ON_EVERY_LAYER = frozenset({"mistral", "phi3"})
+"""Families whose model slides every layer's mask when ``config.sliding_window`` is set."""
+
+
+def sliding_windows(config: Any) -> list[int | None]:
+    """Each decoder layer's sliding window (tokens; None: full causal attention), as the family's
+    model builds its masks (Llama never slides)."""
+    config = text_config(config)
+    layers = int(config.num_hidden_layers)
+    model_type = getattr(config, "model_type", None)
+    window = getattr(config, "sliding_window", None)
+    if model_type in WINDOW_BY_LAYER_TYPE:
+        types = list(getattr(config, "layer_types", None) or ["full_attention"] * layers)
+        return [int(window) if t == "sliding_attention" and window else None for t in types]
+    if model_type in WINDOW_ON_EVERY_LAYER and window:
+        return [int(window)] * layers
+    return [None] * layers
+
+
 def fast_refusal(model: Any) -> str | None:
     """Why the fast engine will not run ``model`` (one line), or None when it will."""
     config = text_config(model.config)

@@ -51,6 +51,11 @@ from slmtui.worker.engines.fast.attention import (
     variable_shape_kernels,
 )
 from slmtui.worker.engines.fast.batching import LoopSettings, PrefillChunk, run_continuous
+from slmtui.worker.engines.fast.compiling import (
+    compile_setting,
+    decode_step_setting,
+    use_compile_cache,
+)
 from slmtui.worker.engines.fast.graphs import DecodeGraphs, bucket_for, buckets
 from slmtui.worker.engines.fast.loglik import (
     PendingScores,
@@ -60,13 +65,23 @@ from slmtui.worker.engines.fast.loglik import (
     sum_logprobs,
     take_batch,
 )
+from slmtui.worker.engines.fast.native import NativeDecoder, native_refusal
 from slmtui.worker.engines.fast.slot_cache import SlotCache
 from slmtui.worker.engines.plain import PlainEngine, first_stop, is_oom, warmup_generations
+from slmtui.worker.engines.support import sliding_windows
 
 CHECK_EVERY_TOKENS = 16
 """Decode steps between host-side stop checks (one device sync each)."""
-CAPACITY_STEP = 64
-"""The KV cache's capacity (tokens per row) is rounded up to a multiple of this."""
+CAPACITY_STEP = 16
+"""The KV cache's capacity (tokens per row, the trash slot included) is rounded up to a multiple
+of this (64 before the native step: up to 63 slots per row of rounding)."""
+COMPILE_NATIVE_BY_DEFAULT = True
+"""On CUDA, compile the native step's layer function unless told otherwise (its cold warm-up
+must stay within the console's 20 s; ``bench/native.py`` measures it)."""
+NATIVE_TOLERANCE = {torch.float32: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.1}
+"""At warm-up the native step's logits must match transformers' step on the same state within
+this share of the largest logit, else transformers' step runs (noted). Wide enough for 16-bit
+rounding through every layer, far below what a wrong layer gives."""
 PREFILL_CHUNK_TOKENS = 2048
 """Most prompt tokens of one row in one prefill forward; a longer prompt takes several."""
 FORWARD_TOKENS = 16384
@@ -88,6 +103,13 @@ class WarmupReport:
     run_s: float = 0.0
     """Running the warm-up requests."""
     graphs: int = 0
+    check_s: float = 0.0
+    """The native step's check against transformers' step (its first call: compiles, if
+    compiled)."""
+    native_max_abs_diff: float | None = None
+    """The check's largest |native - transformers| logit, over the largest |logit|."""
+    cache_bytes: int = 0
+    """The slot KV cache as allocated (every layer, keys and values)."""
 
 
 def cache_argument(parameters: Any) -> str:
@@ -113,8 +135,15 @@ def spread(model: Any) -> bool:
 class FastEngine(PlainEngine):
     """Slot KV cache + continuous batching + CUDA-graph decode + packed log-likelihood.
 
-    ``compile_step`` also runs the decode step through ``torch.compile`` (fused kernels) before
-    capture: faster steps, longer warm-up. The bench measures both.
+    ``decode_step``: "native" computes the decode step with ``native.NativeDecoder`` (fused
+    weights, one layer function, the model's own modules at either end); "transformers" calls the
+    model's forward; "auto" (default) is native where ``native_refusal`` allows, checked at
+    warm-up against transformers' step on the same state (``NATIVE_TOLERANCE``), else
+    transformers, with a note. ``compile_step`` runs the step's layers (native) or the whole step
+    (transformers) through ``torch.compile`` before capture; None (default) compiles the native
+    step on CUDA when ``COMPILE_NATIVE_BY_DEFAULT``. A compiled native step that fails falls back
+    to the eager one, and that to transformers', each with a note. The bench measures all four.
+    Defaults come from ``compiling.decode_step_setting`` / ``compile_setting`` (environment).
     """
 
     name = "fast"
@@ -132,17 +161,20 @@ class FastEngine(PlainEngine):
         tokenizer: Any,
         *,
         batch_size: int | str,
-        compile_step: bool = False,
+        compile_step: bool | str | None = None,
+        decode_step: str | None = None,
         check_every_tokens: int = CHECK_EVERY_TOKENS,
         decode_attention: str = "auto",
         prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
         forward_tokens: int = FORWARD_TOKENS,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__(model, tokenizer, batch_size=batch_size)
         self.auto_batch = batch_size == "auto"
         """Size ``batch_size`` in ``prepare`` from free memory and the longest request."""
         register_attention()
-        self.compile_step = compile_step
+        requested_step = decode_step_setting(decode_step)
+        compile_choice = compile_setting(compile_step)
         self.loop = LoopSettings(
             check_every=max(1, check_every_tokens),
             chunk_tokens=max(1, prefill_chunk_tokens),
@@ -161,19 +193,81 @@ class FastEngine(PlainEngine):
         """Prompt + budget of the longest request ``prepare`` saw (0: none)."""
         self._cache: SlotCache | None = None
         self._graphs = DecodeGraphs()
-        self._step_fn: Callable[[int], torch.Tensor] = self._step
-        if compile_step:
-            self._step_fn = torch.compile(self._step, dynamic=False)
         decoder = text_config(model.config)
         self.decode_attention = self._choose_decode_attention(decode_attention, decoder)
-        layer_types = list(getattr(decoder, "layer_types", None) or [])
-        self.sliding_window: int | None = None
-        if "sliding_attention" in layer_types:
-            self.sliding_window = int(decoder.sliding_window)
-        self.layer_types = sorted(set(layer_types))
+        windows = sliding_windows(decoder)
+        self.sliding_window: int | None = next((w for w in windows if w is not None), None)
+        """The sliding window of the layers that slide (None: none does)."""
+        self._all_slide = all(w is not None for w in windows)
+        self.layer_types = sorted(set(getattr(decoder, "layer_types", None) or []))
         params = inspect.signature(model.forward).parameters
         self._pass_cache_position = "cache_position" in params
         self._cache_argument = cache_argument(params)
+        self.compile_backend = compile_backend
+        self._native: NativeDecoder | None = None
+        self._native_checked = False
+        self._touched = 1
+        self.compile_step = False
+        """The decode step goes through ``torch.compile`` (native: its layers)."""
+        self._step_fn: Callable[[int], torch.Tensor] = self._step
+        if requested_step != "transformers":
+            refusal = native_refusal(model)
+            if refusal is None:
+                compile_native = (
+                    compile_choice
+                    if compile_choice is not None
+                    else self.device.type == "cuda" and COMPILE_NATIVE_BY_DEFAULT
+                )
+                refusal = self._build_native(compile_native)
+            if refusal is not None:
+                self.notes.append(f"fast engine: transformers' decode step ({refusal})")
+        if self._native is None:
+            self.compile_step = bool(compile_choice)
+            if self.compile_step:
+                use_compile_cache()
+                self._step_fn = torch.compile(self._step, dynamic=False, backend=compile_backend)
+
+    @property
+    def decode_step(self) -> str:
+        """The decode step that runs: "native" or "transformers", and " compiled" if it is."""
+        step = "native" if self._native is not None else "transformers"
+        return f"{step} compiled" if self.compile_step else step
+
+    def _build_native(self, compiled: bool) -> str | None:
+        """Use a native decode step (compiled layers or not); why not, or None."""
+        if compiled:
+            use_compile_cache()
+        try:
+            native = NativeDecoder(
+                self.model,
+                attention=self.decode_attention,
+                compile_layers=compiled,
+                compile_backend=self.compile_backend,
+            )
+        except Exception as exc:
+            if is_oom(exc):
+                raise
+            return f"the native step could not be built: {type(exc).__name__}: {str(exc)[:160]}"
+        for note in native.notes:
+            if note not in self.notes:
+                self.notes.append(note)
+        if self._cache is not None:
+            refusal = native.set_capacity(self._cache.capacity, self.max_batch, self.device)
+            if refusal is not None:
+                return refusal
+        self._native, self.compile_step = native, compiled
+        self._step_fn = self._step
+        self._graphs.clear()
+        self._native_checked = False
+        return None
+
+    def _drop_native(self, reason: str) -> None:
+        """Decode with transformers' step from now on (noted)."""
+        self._native = None
+        self.compile_step = False
+        self._step_fn = self._step
+        self._graphs.clear()
+        self.notes.append(f"fast engine: transformers' decode step ({reason})")
 
     @property
     def check_every_tokens(self) -> int:
@@ -218,6 +312,10 @@ class FastEngine(PlainEngine):
             return
         capacity = math.ceil((tokens + 1) / CAPACITY_STEP) * CAPACITY_STEP
         capacity = min(capacity, max(self.max_length, tokens) + 1)
+        if self._native is not None:
+            refusal = self._native.set_capacity(capacity, self.max_batch, self.device)
+            if refusal is not None:
+                self._drop_native(refusal)
         if self._cache is not None:
             self.notes.append(
                 f"fast engine: KV cache grown from {self._cache.capacity - 1} to {capacity - 1} "
@@ -255,9 +353,12 @@ class FastEngine(PlainEngine):
             config._attn_implementation = previous
 
     def _mask_argument(self, allowed: torch.Tensor, slide: torch.Tensor | None) -> Any:
-        """The 4-D boolean mask as the model wants it: a dict by layer type if some slide."""
+        """The 4-D boolean mask as the model wants it: the sliding one if every layer slides
+        (Mistral, Phi-3 with a window), a dict by layer type if some do."""
         if self.sliding_window is None:
             return allowed
+        if self._all_slide:
+            return slide
         return {
             kind: (slide if kind == "sliding_attention" else allowed) for kind in self.layer_types
         }
@@ -288,8 +389,32 @@ class FastEngine(PlainEngine):
         """One decode step for the first ``rows`` rows, entirely on the device (capturable).
 
         A decoding row writes its token at its own position and attends to its slots up to it;
-        any other row writes the trash slot, attends to it alone, and keeps its state.
+        any other row writes the trash slot, attends to it alone, and keeps its state. The
+        logits come from the native step or transformers' forward; the greedy token and the
+        buffer updates are the same for both.
         """
+        if self._native is not None:
+            assert self._cache is not None
+            logits = self._native.logits(
+                self._ids[:rows],
+                self._pos[:rows],
+                self._active[:rows],
+                self._cache,
+                self._trash,
+                self._slots,
+            )
+        else:
+            logits = self._transformers_logits(rows)
+        active = self._active[:rows]
+        next_ids = logits.argmax(dim=-1)
+        self._out[:rows].index_copy_(1, self._step_idx, next_ids[:, None])
+        self._ids[:rows].copy_(torch.where(active, next_ids[:, None], self._ids[:rows]))
+        self._pos[:rows].add_(active.long())
+        self._step_idx.add_(1)
+        return logits
+
+    def _transformers_logits(self, rows: int) -> torch.Tensor:
+        """[rows, vocab]: transformers' forward of one token per row over the slot cache."""
         cache = self._cache
         assert cache is not None
         pos = self._pos[:rows]
@@ -310,11 +435,6 @@ class FastEngine(PlainEngine):
             cache,
             1,
         )[:, -1]
-        next_ids = logits.argmax(dim=-1)
-        self._out[:rows].index_copy_(1, self._step_idx, next_ids[:, None])
-        self._ids[:rows].copy_(torch.where(active, next_ids[:, None], self._ids[:rows]))
-        self._pos[:rows].add_(active.long())
-        self._step_idx.add_(1)
         return logits
 
     def _decode_step(self, rows: int) -> torch.Tensor:
@@ -338,11 +458,79 @@ class FastEngine(PlainEngine):
             with torch.inference_mode(), self._attention():
                 return self._step_fn(n)
 
-        self._graphs.capture(rows, step, self._eager_warmup_steps)
+        try:
+            self._graphs.capture(rows, step, self._eager_warmup_steps)
+        except Exception as exc:
+            for tensor, value in zip(state, saved, strict=True):
+                tensor.copy_(value)
+            if is_oom(exc) or not self._native_failed(exc):
+                raise
+            self._capture(rows)  # the next step down the chain
+            return
         for tensor, value in zip(state, saved, strict=True):
             tensor.copy_(value)
         self.warmup_report.capture_s = self._graphs.capture_s
         self.warmup_report.graphs = len(self._graphs)
+
+    def _native_failed(self, exc: BaseException) -> bool:
+        """The native step raised: a compiled one gives way to the eager one, an eager one to
+        transformers' step (noted). False when the step was not native."""
+        if self._native is None:
+            return False
+        what = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+        if self.compile_step:
+            self.notes.append(f"fast engine: the compiled native step failed ({what})")
+            refusal = self._build_native(False)
+            if refusal is not None:
+                self._drop_native(refusal)
+            return True
+        self._drop_native(f"the native step failed: {what}")
+        return True
+
+    def _check_native(self) -> None:
+        """Compare the native step with transformers' step on one state (every row decoding
+        after the short prompt ``_touch_buffers`` wrote): a step that raises or differs by more
+        than ``NATIVE_TOLERANCE`` gives way (``_native_failed``, ``_drop_native``)."""
+        cache = self._cache
+        assert cache is not None
+        while self._native is not None and not self._native_checked:
+            started = time.perf_counter()
+            state = (self._ids, self._pos, self._active, self._step_idx, self._out)
+            saved = [t.clone() for t in state]
+            rows = self.max_batch
+            try:
+                with torch.inference_mode(), self._attention():
+                    self._active.fill_(True)
+                    self._pos.fill_(self._touched)
+                    self._ids.fill_(self._fallback_token())
+                    want = self._transformers_logits(rows).float()
+                    got = self._native.logits(
+                        self._ids, self._pos, self._active, cache, self._trash, self._slots
+                    ).float()
+                    diff = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
+            except Exception as exc:
+                if is_oom(exc) or not self._native_failed(exc):
+                    raise
+                continue
+            finally:
+                with torch.inference_mode():
+                    for tensor, value in zip(state, saved, strict=True):
+                        tensor.copy_(value)
+                self.warmup_report.check_s += time.perf_counter() - started
+            self.warmup_report.native_max_abs_diff = diff
+            tolerance = NATIVE_TOLERANCE.get(want.dtype, 0.1)
+            tolerance = NATIVE_TOLERANCE.get(self._native.layout.dtype, tolerance)
+            if diff > tolerance:
+                self._drop_native(
+                    f"at warm-up the native step's logits differed from transformers' by "
+                    f"{diff:.2g} of the largest (tolerance {tolerance:g})"
+                )
+                return
+            self._native_checked = True
+            self.notes.append(
+                f"fast engine: native decode step checked against transformers' at warm-up "
+                f"(largest logit difference {diff:.2g} of the largest logit)"
+            )
 
     def _eager_warmup_steps(self, rows: int) -> None:
         """The eager steps before a capture (two before the first, one before the others: the
@@ -355,8 +543,8 @@ class FastEngine(PlainEngine):
                     self._step_fn(rows)
                     self._step_idx.zero_()
         except Exception as exc:
-            if is_oom(exc) or self.decode_attention == "grouped":
-                raise
+            if is_oom(exc) or self._native is not None or self.decode_attention == "grouped":
+                raise  # a native step's failure: ``_capture`` steps down its chain
             self.notes.append(
                 f"fast engine: decode attention {self.decode_attention!r} failed on this device "
                 f"({type(exc).__name__}: {str(exc)[:120]}); using 'grouped'"
@@ -466,7 +654,12 @@ class FastEngine(PlainEngine):
             torch.cuda.synchronize(self.device)
 
     def ready_bucket(self, n: int) -> int:
-        return bucket_for(n, self.max_batch)
+        return bucket_for(n, self.max_batch, self._smallest_bucket)
+
+    @property
+    def _smallest_bucket(self) -> int:
+        """2 for a compiled native step (``graphs.buckets``), else 1."""
+        return 2 if self._native is not None and self.compile_step else 1
 
     def is_finished(self, request: GenerateRequest, tokens: list[int]) -> bool:
         if len(tokens) >= request.max_new_tokens:
@@ -666,7 +859,8 @@ class FastEngine(PlainEngine):
         generate: Sequence[GenerateRequest],
         loglikelihood: Sequence[LoglikelihoodRequest],
     ) -> None:
-        """Size the KV cache from the given requests, capture every batch-size bucket, run them.
+        """Size the KV cache from the given requests, check a native step against transformers'
+        one, capture every batch-size bucket, run them.
 
         The cache gets room for the longest request ``prepare`` saw (the runner prepares every
         request first), else for prompts a quarter longer than the longest given; a longer
@@ -676,11 +870,17 @@ class FastEngine(PlainEngine):
         if generate:
             longest = max(len(self._encode(r.prompt)) for r in generate)
             budget = max(r.max_new_tokens for r in generate)
-            tokens = max(int(longest * 1.25) + budget, self._planned_tokens)
+            # the run's real need when prepare saw every request, else a margin for longer ones
+            if self._planned_tokens:
+                tokens = max(self._planned_tokens, longest + budget)
+            else:
+                tokens = int(longest * 1.25) + budget
             self._ensure_capacity(min(self.max_length, tokens))
             self._touch_buffers(max(1, longest))
+            self.warmup_report.cache_bytes = self._cache.nbytes() if self._cache else 0
+            self._check_native()
             if self.use_graphs:
-                for rows in reversed(buckets(self.max_batch)):  # largest first: one pool
+                for rows in reversed(buckets(self.max_batch, self._smallest_bucket)):  # one pool
                     if rows not in self._graphs:
                         self._capture(rows)
             for _ in self.generate(warmup_generations(generate)):
@@ -696,6 +896,8 @@ class FastEngine(PlainEngine):
     def _touch_buffers(self, width: int) -> None:
         """A prefill over every row allocates the cache before any capture."""
         prompt = [self.eos_ids[0] if self.eos_ids else 0] * min(width, 8)
+        self._touched = len(prompt)
+        """Slots of every row the last touch wrote (the native check decodes after them)."""
         self._prefill_logits(
             [PrefillChunk(r, prompt, 0, False, False) for r in range(self.max_batch)]
         )
@@ -711,22 +913,28 @@ class FastEngine(PlainEngine):
         instead of the argmax: a check of the decode path against a plain forward. All rows of
         ``forced`` must have the same length; rows <= ``batch_size``.
         """
+        logits = self.teacher_forced_logits(prompt_ids, forced)
+        forced_t = torch.tensor(forced, device=logits.device)
+        return torch.log_softmax(logits, -1).gather(2, forced_t[:, :, None]).squeeze(2)
+
+    def teacher_forced_logits(
+        self, prompt_ids: list[list[int]], forced: list[list[int]]
+    ) -> torch.Tensor:
+        """Logits (float32, [rows, steps, vocab]) before each forced token: the prefill's for
+        the first, then one decode step (graph replay on CUDA) per forced token."""
         n, steps = len(prompt_ids), len(forced[0])
         self._ensure_capacity(max(len(p) for p in prompt_ids) + steps)
-        rows_now = bucket_for(n, self.max_batch)
+        rows_now = bucket_for(n, self.max_batch, self._smallest_bucket)
         forced_t = torch.tensor(forced, device=self.device)
         self._active.zero_()
         logits = self._prefill_logits(
             [PrefillChunk(r, list(p), 0, True, True) for r, p in enumerate(prompt_ids)]
         )
         with torch.inference_mode():
-            out = [torch.log_softmax(logits.float(), -1).gather(1, forced_t[:, :1])]
+            out = [logits.float()]
             for step in range(1, steps):
                 self._ids[:n, 0] = forced_t[:, step - 1]
                 self._step_idx.zero_()
-                logits = self._decode_step(rows_now)[:n]
-                out.append(
-                    torch.log_softmax(logits.float(), -1).gather(1, forced_t[:, step : step + 1])
-                )
+                out.append(self._decode_step(rows_now)[:n].float())
         self._active.zero_()
-        return torch.cat(out, dim=1)
+        return torch.stack(out, dim=1)

@@ -14,19 +14,24 @@ from typing import Any
 import torch
 
 
-def buckets(max_batch: int) -> list[int]:
-    """1, 2, 4, ... below ``max_batch``, and ``max_batch`` itself."""
+def buckets(max_batch: int, smallest: int = 1) -> list[int]:
+    """``smallest``, twice that, ... below ``max_batch``, and ``max_batch`` itself.
+
+    A compiled step starts at 2 rows: ``torch.compile`` specialises a dimension of size 1, so
+    a bucket of 1 would cost a compile of its own (one row runs in the 2-row graph instead).
+    """
+    smallest = max(1, min(smallest, max_batch))
     sizes = {max_batch}
-    size = 1
+    size = smallest
     while size < max_batch:
         sizes.add(size)
         size *= 2
     return sorted(sizes)
 
 
-def bucket_for(n: int, max_batch: int) -> int:
+def bucket_for(n: int, max_batch: int, smallest: int = 1) -> int:
     """The smallest bucket holding ``n`` rows."""
-    return next(size for size in buckets(max_batch) if size >= min(n, max_batch))
+    return next(size for size in buckets(max_batch, smallest) if size >= min(n, max_batch))
 
 
 class DecodeGraphs:
