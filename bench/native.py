@@ -44,6 +44,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -586,6 +587,8 @@ def main() -> None:
     result["summary"] = summary(result)
     log(json.dumps(result["summary"], indent=1))
     save()
+    if args.compile_cache is None:  # the fresh cache this run made
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
