@@ -173,9 +173,7 @@ def _layer_refusal(layer: Any, model_type: str, names: dict[str, str]) -> str | 
         and _class(getattr(attn, "k_norm", None)) == names["norm"]
     ):
         return "query/key norms are not the family's"
-    projections = (
-        ("qkv_proj", "o_proj") if model_type in FUSED_IN_MODEL else ("q_proj", "k_proj", "v_proj")
-    )
+    projections = ("qkv_proj",) if model_type in FUSED_IN_MODEL else ("q_proj", "k_proj", "v_proj")
     mlp_projections = (
         ("gate_up_proj", "down_proj")
         if model_type in FUSED_IN_MODEL
