@@ -123,6 +123,8 @@ def native_refusal(model: Any) -> str | None:
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     if heads % kv_heads:
         return f"{heads} query heads do not group over {kv_heads} key/value heads"
+    if len(base.layers) != int(config.num_hidden_layers):
+        return f"{len(base.layers)} layers built, the config runs {config.num_hidden_layers}"
     acts = set()
     for index, layer in enumerate(base.layers):
         problem = _layer_refusal(layer, model_type, names)
