@@ -1,6 +1,6 @@
 """The native decode step against today's fast step, on one GPU, in one call (issue 15).
 
-    PYTHONUNBUFFERED=1 python bench/native.py --out $OUT/native_h200.json    # GPU, ~6 min
+    PYTHONUNBUFFERED=1 python bench/native.py --out $OUT/native_h200.json    # GPU, 4-8 min
     python bench/native.py --smoke --out /tmp/native_smoke.json               # CPU, 2-layer
 
 Models are random-initialised from the real Qwen2.5-0.5B and Qwen2.5-7B configs (bf16, no hub;
@@ -31,8 +31,8 @@ the parts not yet started):
                    and for transformers' static-cache generate (and native vs that path)
   warm             the native compiled warm-up again in a second process on the same compile
                    cache (cache hits): 0.5B batch 1, 0.5B 64 sequences, 7B batch 1
-  b1-7b-int4       (``--parts`` to add it) 7B int4 (torchao, fused QKV and gate/up quantised),
-                   native compiled against bf16 native compiled: the issue-17 ratio
+  b1-7b-int4       last: 7B int4 (torchao, fused QKV and gate/up quantised in place), native
+                   compiled against bf16 native compiled: the issue-17 ratio (needs torchao)
 
 Floor: a device-to-device copy gives the bandwidth; a step must read every weight (all but an
 untied input embedding) and, batched, the KV cache (``bench/engine.py``'s definition).
@@ -44,6 +44,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -102,7 +103,7 @@ MEMORY_TARGET_X = 1.10
 WARMUP_COLD_TARGET_S = 20.0
 WARMUP_WARM_TARGET_S = 5.0
 PROMPT = 128
-DEFAULT_PARTS = "b1-0.5b,b64,b256,fidelity,b1-7b,warm"
+DEFAULT_PARTS = "b1-0.5b,b64,b256,fidelity,b1-7b,warm,b1-7b-int4"
 
 
 class Settings:
@@ -586,6 +587,8 @@ def main() -> None:
     result["summary"] = summary(result)
     log(json.dumps(result["summary"], indent=1))
     save()
+    if args.compile_cache is None:  # the fresh cache this run made
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:

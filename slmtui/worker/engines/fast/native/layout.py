@@ -123,6 +123,8 @@ def native_refusal(model: Any) -> str | None:
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     if heads % kv_heads:
         return f"{heads} query heads do not group over {kv_heads} key/value heads"
+    if len(base.layers) != int(config.num_hidden_layers):
+        return f"{len(base.layers)} layers built, the config runs {config.num_hidden_layers}"
     acts = set()
     for index, layer in enumerate(base.layers):
         problem = _layer_refusal(layer, model_type, names)
@@ -173,9 +175,7 @@ def _layer_refusal(layer: Any, model_type: str, names: dict[str, str]) -> str | 
         and _class(getattr(attn, "k_norm", None)) == names["norm"]
     ):
         return "query/key norms are not the family's"
-    projections = (
-        ("qkv_proj", "o_proj") if model_type in FUSED_IN_MODEL else ("q_proj", "k_proj", "v_proj")
-    )
+    projections = ("qkv_proj",) if model_type in FUSED_IN_MODEL else ("q_proj", "k_proj", "v_proj")
     mlp_projections = (
         ("gate_up_proj", "down_proj")
         if model_type in FUSED_IN_MODEL
