@@ -4,6 +4,7 @@ its own loader is one module and one registration."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import types
@@ -132,3 +133,43 @@ def test_start_engine_refuses_a_model_another_loader_made(
     started = engines.start_engine("echo", loaded_stub("echo"), batch_size=4)
     assert isinstance(started.engine, EchoEngine) and started.fallback is None
     assert started.engine.batch_size_used(4) == 4 and started.engine.batch_size_used("auto") == 4
+
+
+def test_a_reused_models_memory_is_released_before_the_next_runs_sampler_starts(
+    echo_registered: type[EchoEngine], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NVML counts a process's reserved memory: the previous run's engine must be gone from the
+    GPU before the sampler's first look, or the run reports the one before's peak."""
+    from slmtui.worker import runner
+
+    order: list[str] = []
+    real_start = runner.Telemetry.start
+
+    def start(*args: Any, **kwargs: Any) -> Any:
+        order.append("telemetry")
+        return real_start(*args, **kwargs)
+
+    monkeypatch.setattr(runner.Telemetry, "start", start)
+    monkeypatch.setattr(runner, "release_device_memory", lambda device: order.append("release"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    spec = RunSpec(
+        model=ModelRef("echo", "/models/echo", "local"),
+        task="arc_easy",
+        options=TaskOptions(data_file=arc_data(tmp_path)),
+        engine="echo",  # type: ignore[arg-type]
+    )
+    models = Models()
+    models.keep(spec, loaded_stub("echo"), "r0")
+    models.loaded.device = torch.device("cuda", 0)  # type: ignore[union-attr]
+    models.release_previous_run()
+    assert order == ["release"]
+    order.clear()
+    models.loaded.device = torch.device("cpu")  # type: ignore[union-attr]
+    run_spec(spec, "r1", lambda event: None, models)
+    assert order == ["telemetry"]  # a CPU model: nothing to give back
+    models.loaded.device = torch.device("cuda", 0)  # type: ignore[union-attr]
+    order.clear()
+    # A CPU-only box cannot run the "cuda" stub; the order before it fails is what counts.
+    with contextlib.suppress(Exception):
+        run_spec(spec, "r2", lambda event: None, models)
+    assert order[:2] == ["release", "telemetry"]
