@@ -319,6 +319,73 @@ def test_packing_computes_each_context_once(tiny_model: tuple[Any, Any]):
     assert widths == [context + (2 - 1) + (3 - 1) + (4 - 1) + (5 - 1)]
 
 
+def test_a_logits_budget_splits_the_forwards_and_changes_no_answer(
+    tiny_model: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+):
+    """With room for few kept logits (a large vocabulary), each forward takes fewer rows; the
+    log-probs and greedy flags are those of the whole batch in one forward."""
+    from slmtui.worker.engines.fast import engine as fast_engine
+
+    model, tokenizer = tiny_model
+    whole = FastEngine(model, tokenizer, batch_size=64)
+    rows_whole: list[int] = []
+    real = whole._forward
+    whole._forward = lambda ids, *a: (rows_whole.append(ids.shape[0]), real(ids, *a))[1]  # type: ignore[method-assign]
+    expected = by_index(whole.loglikelihood(LL_REQUESTS))
+    vocab, size = model.get_output_embeddings().weight.shape[0], 4  # float32
+    monkeypatch.setattr(fast_engine, "LOGITS_BYTES", 12 * vocab * size)  # 12 positions
+    split = FastEngine(model, tokenizer, batch_size=64)
+    assert split._logit_positions() == 12
+    rows_split: list[int] = []
+    real_split = split._forward
+    split._forward = lambda ids, *a: (rows_split.append(ids.shape[0]), real_split(ids, *a))[1]  # type: ignore[method-assign]
+    got = by_index(split.loglikelihood(LL_REQUESTS))
+    assert len(rows_whole) == 1 and len(rows_split) > 1 and sum(rows_split) == rows_whole[0]
+    for i in expected:  # rows padded to another width: float32 rounding apart, no more
+        assert got[i].response.logprobs == pytest.approx(expected[i].response.logprobs, abs=1e-5)
+        assert got[i].response.greedy == expected[i].response.greedy
+
+
+def test_take_batch_keeps_the_kept_logits_under_the_budget():
+    from slmtui.worker.engines.fast.loglik import PackedGroup, take_batch
+
+    def group(context: int, lengths: list[int]) -> PackedGroup:
+        return PackedGroup(
+            0, list(range(1, context + 1)), [(k, [7] * n) for k, n in enumerate(lengths)]
+        )
+
+    groups = [group(10, [4, 4]), group(9, [2]), group(8, [6, 6]), group(3, [1])]
+    keeps = [g.scored_positions() for g in groups]
+    assert take_batch(groups, 0, rows=8, tokens=10_000) == 4
+    budget = 3 * max(keeps[:3])
+    n = take_batch(groups, 0, rows=8, tokens=10_000, logit_positions=budget)
+    assert n == 3 and n * max(keeps[:n]) <= budget
+    assert take_batch(groups, 0, rows=8, tokens=10_000, logit_positions=1) == 1  # never 0
+
+
+def test_blocked_log_softmax_gives_the_one_call_values(monkeypatch: pytest.MonkeyPatch):
+    from slmtui.worker.engines.fast import loglik
+    from slmtui.worker.engines.fast.loglik import PackedBatch, sum_logprobs
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 50)
+    rows = torch.tensor([0, 0, 1, 1, 1])
+    cols = torch.tensor([1, 2, 0, 3, 4])
+    targets = torch.tensor([3, 9, 0, 49, 7])
+    owners = torch.tensor([0, 0, 1, 1, 2])
+    batch = PackedBatch(
+        torch.zeros(3, 2, 5, dtype=torch.long), torch.stack([rows, cols, targets, owners]), 5, 3
+    )
+    monkeypatch.setattr(loglik, "SOFTMAX_BLOCK", 2)
+    sums, misses = sum_logprobs(logits, batch)
+    logp = torch.log_softmax(logits[rows, cols], dim=-1, dtype=torch.float32)
+    picked = logp.gather(1, targets[:, None]).squeeze(1)
+    expected = torch.zeros(3).index_add_(0, owners, picked)
+    assert torch.equal(sums, expected)
+    greedy_miss = (logits[rows, cols].argmax(-1) != targets).int()
+    assert torch.equal(misses, torch.zeros(3, dtype=torch.int32).index_add_(0, owners, greedy_miss))
+
+
 # -- switch ---------------------------------------------------------------------------------
 
 

@@ -18,6 +18,9 @@ import torch
 
 from slmtui.tasks.base import LoglikelihoodRequest
 
+SOFTMAX_BLOCK = 1024
+"""Scored positions per float32 log-softmax call in ``sum_logprobs``."""
+
 
 @dataclass
 class PackedGroup:
@@ -92,12 +95,27 @@ def pack_requests(
     return Packed(groups, unpacked, empty)
 
 
-def take_batch(groups: Sequence[PackedGroup], start: int, rows: int, tokens: int) -> int:
-    """How many groups from ``start`` make the next forward: at most ``rows`` rows and
-    ``tokens`` padded tokens (rows x the first, longest, row), never fewer than one."""
+def take_batch(
+    groups: Sequence[PackedGroup],
+    start: int,
+    rows: int,
+    tokens: int,
+    logit_positions: int | None = None,
+) -> int:
+    """How many groups from ``start`` make the next forward: at most ``rows`` rows,
+    ``tokens`` padded tokens (rows x the first, longest, row) and, when given,
+    ``logit_positions`` kept logits (rows x the batch's ``keep``: with a 262k-token vocabulary
+    the logits, not the activations, are what fills the GPU); never fewer than one."""
     width = groups[start].input_length()
-    fit = max(1, min(rows, tokens // max(width, 1)))
-    return min(fit, len(groups) - start)
+    fit = min(max(1, min(rows, tokens // max(width, 1))), len(groups) - start)
+    if logit_positions is None:
+        return fit
+    keep = 1
+    for n in range(fit):
+        keep = max(keep, groups[start + n].scored_positions())
+        if n and (n + 1) * keep > logit_positions:
+            return n
+    return fit
 
 
 @dataclass
@@ -167,8 +185,16 @@ def sum_logprobs(logits: torch.Tensor, batch: PackedBatch) -> tuple[torch.Tensor
     """
     rows, cols, targets, owners = batch.picks
     picked_logits = logits[rows, cols]
-    logp = torch.log_softmax(picked_logits, dim=-1, dtype=torch.float32)
-    picked = logp.gather(1, targets[:, None]).squeeze(1)
+    # float32 log-softmax a block of positions at a time: the same values as one call, without
+    # a float32 copy of every scored position's logits (4 bytes x the vocabulary each)
+    picked = torch.cat(
+        [
+            torch.log_softmax(block, dim=-1, dtype=torch.float32).gather(1, t[:, None]).squeeze(1)
+            for block, t in zip(
+                picked_logits.split(SOFTMAX_BLOCK), targets.split(SOFTMAX_BLOCK), strict=True
+            )
+        ]
+    )
     miss = (picked_logits.argmax(dim=-1) != targets).to(torch.int32)
     sums = torch.zeros(batch.choices, dtype=torch.float32, device=logits.device)
     misses = torch.zeros(batch.choices, dtype=torch.int32, device=logits.device)
