@@ -43,9 +43,16 @@ from slmtui.errors import UserError
 from slmtui.paths import cache_dir
 from slmtui.spec import ModelRef
 from slmtui.worker.engines.base import LoadedModel, LoadError, Step
+from slmtui.worker.gguf_tokenizer import (
+    TOKENIZER_VERSION,
+    gguf_token_types,
+    needs_rebuild,
+    rebuild,
+)
 
 STEP_CONVERTING = "converting GGUF (one time)"
 STEP_WEIGHTS = "loading weights"
+
 STEP_TOKENIZER = "loading tokenizer"
 
 CHECKPOINT_MARKER = "slmtui_checkpoint.json"
@@ -339,6 +346,7 @@ def gguf_checkpoint(
         raise LoadError(f"GGUF file {gguf} does not exist")
     target = checkpoint_dir(gguf)
     if (target / CHECKPOINT_MARKER).is_file():
+        _upgrade_tokenizer(gguf, target, notes)
         return target
     started = time.perf_counter()
     if on_step is not None:
@@ -364,11 +372,11 @@ def gguf_checkpoint(
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantise ``gguf`` and save it as a regular float32 checkpoint in ``out``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     where = str(gguf.parent)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf.name)
+        tokenizer = _gguf_tokenizer(gguf)
         loaded = AutoModelForCausalLM.from_pretrained(
             where, gguf_file=gguf.name, dtype=torch.float32
         )
@@ -393,5 +401,45 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         "mtime_ns": st.st_mtime_ns,
         "dtype": "float32",
         "converted_at": time.time(),
+        "tokenizer": TOKENIZER_VERSION,
     }
     (out / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
+
+
+def _gguf_tokenizer(gguf: Path) -> Any:
+    """The GGUF file's tokenizer as transformers reads it, rebuilt where that reading is wrong
+    (a SentencePiece-BPE vocabulary read as Unigram: Gemma's; ``gguf_tokenizer``)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if needs_rebuild(tokenizer):
+        tokenizer = rebuild(tokenizer, gguf_token_types(gguf))
+    return tokenizer
+
+
+def _upgrade_tokenizer(gguf: Path, target: Path, notes: list[str] | None) -> None:
+    """A checkpoint converted before ``TOKENIZER_VERSION`` gets its tokenizer again (seconds;
+    the weights stay)."""
+    marker_path = target / CHECKPOINT_MARKER
+    marker = json.loads(marker_path.read_text(encoding="utf-8"))
+    if marker.get("tokenizer") == TOKENIZER_VERSION:
+        return
+    try:
+        tokenizer = _gguf_tokenizer(gguf)
+    except Exception as exc:
+        raise LoadError(f"GGUF file {gguf}: tokenizer failed to load: {_first_line(exc)}") from exc
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tok.", dir=target.parent))
+    try:
+        tokenizer.save_pretrained(tmp)
+        for stale in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (target / stale).unlink(missing_ok=True)
+        for item in tmp.iterdir():
+            os.replace(item, target / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    marker["tokenizer"] = TOKENIZER_VERSION
+    marker_path.write_text(json.dumps(marker, indent=2), encoding="utf-8")
+    if notes is not None:
+        notes.append(
+            f"{gguf.name}: cached checkpoint's tokenizer rebuilt (version {TOKENIZER_VERSION})"
+        )
