@@ -424,6 +424,23 @@ def _upgrade_tokenizer(gguf: Path, target: Path, notes: list[str] | None) -> Non
     marker = json.loads(marker_path.read_text(encoding="utf-8"))
     if marker.get("tokenizer") == TOKENIZER_VERSION:
         return
+    if _saved_unigram(target):
+        _rebuild_saved_tokenizer(gguf, target, notes)
+    marker["tokenizer"] = TOKENIZER_VERSION
+    marker_path.write_text(json.dumps(marker, indent=2), encoding="utf-8")
+
+
+def _saved_unigram(target: Path) -> bool:
+    """Whether the checkpoint's saved tokenizer is the wrong Unigram reading (read from its
+    file: the GGUF is opened only for a checkpoint that needs it)."""
+    try:
+        model = json.loads((target / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return model.get("type") == "Unigram" and bool(model.get("byte_fallback"))
+
+
+def _rebuild_saved_tokenizer(gguf: Path, target: Path, notes: list[str] | None) -> None:
     try:
         tokenizer = _gguf_tokenizer(gguf)
     except Exception as exc:
@@ -437,8 +454,6 @@ def _upgrade_tokenizer(gguf: Path, target: Path, notes: list[str] | None) -> Non
             os.replace(item, target / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    marker["tokenizer"] = TOKENIZER_VERSION
-    marker_path.write_text(json.dumps(marker, indent=2), encoding="utf-8")
     if notes is not None:
         notes.append(
             f"{gguf.name}: cached checkpoint's tokenizer rebuilt (version {TOKENIZER_VERSION})"

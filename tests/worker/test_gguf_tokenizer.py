@@ -114,7 +114,7 @@ def test_a_checkpoint_converted_before_the_fix_gets_its_tokenizer_again(
     target = tmp_path / "ckpt"
     target.mkdir()
     (target / loading.CHECKPOINT_MARKER).write_text(json.dumps({"dtype": "float32"}))
-    (target / "tokenizer.json").write_text("stale")
+    unigram_reading(PIECES).save_pretrained(target)  # what a checkpoint converted before holds
     rebuilt = rebuild(unigram_reading(PIECES), TYPES)
     calls: list[Path] = []
     monkeypatch.setattr(loading, "_gguf_tokenizer", lambda path: (calls.append(path), rebuilt)[1])
@@ -127,6 +127,15 @@ def test_a_checkpoint_converted_before_the_fix_gets_its_tokenizer_again(
     assert marker["tokenizer"] == loading.TOKENIZER_VERSION and marker["dtype"] == "float32"
     loading.gguf_checkpoint(gguf, notes)
     assert calls == [gguf]  # up to date: not again
+    other = tmp_path / "bpe-ckpt"  # a checkpoint whose tokenizer was right (SmolLM2's BPE)
+    other.mkdir()
+    (other / loading.CHECKPOINT_MARKER).write_text(json.dumps({"dtype": "float32"}))
+    rebuilt.save_pretrained(other)
+    monkeypatch.setattr(loading, "checkpoint_dir", lambda path: other)
+    loading.gguf_checkpoint(gguf, notes)
+    assert calls == [gguf]  # stamped, the GGUF never opened
+    stamped = json.loads((other / loading.CHECKPOINT_MARKER).read_text())
+    assert stamped["tokenizer"] == loading.TOKENIZER_VERSION
 
 
 GEMMA = get_offline_model("gemma-3-270m")
