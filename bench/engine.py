@@ -574,16 +574,7 @@ def row_fidelity(model: Any, n: int, new: int) -> dict[str, Any]:
             "teacher_forced_abs_diff_median": float(diff.median()),
         }
 
-    with torch.inference_mode():
-        static = model.generate(
-            torch.tensor(ids, device=DEVICE),
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            cache_implementation="static",
-            pad_token_id=0,
-            disable_compile=True,
-        )[:, 128:].tolist()
+    static = static_generate(model, ids, new, 128)
     # the same plain forward, batched with the sequences of the others: bf16's own spread
     with torch.inference_mode():
         logits = model(
@@ -769,3 +760,18 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def static_generate(model: Any, ids: list[list[int]], new: int, prompt: int) -> list[list[int]]:
+    """transformers' static-cache greedy ``generate`` of exactly ``new`` tokens per row (the
+    fidelity reference), the prompt's ``prompt`` tokens cut off."""
+    with torch.inference_mode():
+        return model.generate(
+            torch.tensor(ids, device=DEVICE),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            cache_implementation="static",
+            pad_token_id=0,
+            disable_compile=True,
+        )[:, prompt:].tolist()

@@ -62,7 +62,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import (
     CUDA,
-    DEVICE,
     MIB,
     QWEN25_05B,
     QWEN25_7B,
@@ -76,6 +75,7 @@ from engine import (
     plain_forward_logprobs,
     prompts,
     reset_memory,
+    static_generate,
     sync,
     timed,
     weight_bytes_per_step,
@@ -349,16 +349,7 @@ def part_fidelity(model: Any, s: Settings) -> dict[str, Any]:
     }
     forced = [plain[i] for i in range(n)]
     ref = torch.stack([plain_forward_logprobs(model, ids[i], forced[i]) for i in range(n)])
-    with torch.inference_mode():
-        static = model.generate(
-            torch.tensor(ids, device=DEVICE),
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            cache_implementation="static",
-            pad_token_id=0,
-            disable_compile=True,
-        )[:, PROMPT:].tolist()
+    static = static_generate(model, ids, new, PROMPT)
     row: dict[str, Any] = {
         "name": "fidelity",
         "sequences": n,
