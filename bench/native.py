@@ -50,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import (
     CUDA,
+    DEVICE,
     MIB,
     QWEN25_05B,
     QWEN25_7B,
@@ -128,7 +129,14 @@ class Settings:
 # -- one path ---------------------------------------------------------------------------------
 
 
-def engine_for(model: Any, batch: int, path: str, backend: str) -> FastEngine:
+def engine_for(
+    model: Any,
+    batch: int,
+    path: str,
+    backend: str,
+    prefill_chunk_tokens: int | None = None,
+    decode_attention: str = "auto",
+) -> FastEngine:
     decode_step, compile_step = PATHS[path]
     engine = FastEngine(
         model,
@@ -137,6 +145,8 @@ def engine_for(model: Any, batch: int, path: str, backend: str) -> FastEngine:
         decode_step=decode_step,
         compile_step=compile_step,
         compile_backend=backend,
+        decode_attention=decode_attention,
+        **({"prefill_chunk_tokens": prefill_chunk_tokens} if prefill_chunk_tokens else {}),
     )
     want = decode_step + (" compiled" if compile_step else "")
     if engine.decode_step != want:
@@ -249,15 +259,26 @@ def profile_step(engine: FastEngine, rows: int) -> dict[str, Any]:
             fn()
             sync()
         kernels, device_us, cpu_ops = 0, 0.0, 0
+        by_name: list[tuple[str, float, float]] = []
         for event in prof.key_averages():
             if event.device_type == DeviceType.CUDA:
                 kernels += event.count
-                device_us += getattr(
+                us = getattr(
                     event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)
                 )
+                device_us += us
+                by_name.append((event.key[:90], event.count / steps, us / steps))
             elif event.key.startswith("aten::"):
                 cpu_ops += event.count
-        out = {"kernels_per_step": kernels / steps, "gpu_us_per_step": device_us / steps}
+        by_name.sort(key=lambda k: -k[2])
+        out = {
+            "kernels_per_step": kernels / steps,
+            "gpu_us_per_step": device_us / steps,
+            "top_kernels": [
+                {"kernel": k, "per_step": round(c, 2), "us_per_step": round(u, 1)}
+                for k, c, u in by_name[:25]
+            ],
+        }
         if not CUDA:
             out = {"aten_ops_per_step": cpu_ops / steps}
         return out
@@ -337,9 +358,61 @@ def show(path: str, r: dict[str, Any], floor: float, plain: dict[str, Any] | Non
     )
 
 
-def part_fidelity(model: Any, s: Settings) -> dict[str, Any]:
+FIDELITY_VARIANTS: dict[str, dict[str, Any]] = {
+    "native_compiled_fp32_between_ops": {
+        "path": "native_compiled",
+        "env": {"SLMTUI_COMPILE_EXACT_CASTS": "0"},
+    },
+    "native_compiled_one_prefill": {"path": "native_compiled", "prefill": 1 << 20},
+    "native_one_prefill": {"path": "native", "prefill": 1 << 20},
+    "transformers_one_prefill": {"path": "transformers", "prefill": 1 << 20},
+    "transformers_no_graphs": {"path": "transformers", "graphs": False},
+    "native_no_graphs": {"path": "native", "graphs": False},
+    **{
+        f"{path}_{attention}": {"path": path, "attention": attention}
+        for path in ("transformers", "native")
+        for attention in ("gqa", "expand", "grouped", "sdpa")
+    },
+    **{
+        f"{path}_{attention}_448": {"path": path, "attention": attention, "capacity": 447}
+        for path in ("transformers", "native")
+        for attention in ("gqa", "expand")
+    },
+}
+"""Fidelity-only variants: path, environment, prefill chunk tokens (``one_prefill``: every
+prompt in one forward, as plain does), decode attention, cache capacity (tokens per row), CUDA
+graphs off (``no_graphs``: the same step run eagerly)."""
+
+
+def divergence_margins(
+    model: Any, ids: list[list[int]], reference: dict[int, list[int]], outs: dict[int, list[int]]
+) -> dict[str, Any]:
+    """For each sequence that differs from ``reference``: where it first differs, and the gap
+    between the reference forward's two best logits there (a near-tie any rounding flips)."""
+    gaps, firsts = [], []
+    for i, ref in reference.items():
+        mine = outs.get(i, [])
+        first = next((j for j, (a, b) in enumerate(zip(ref, mine, strict=False)) if a != b), None)
+        if first is None:
+            continue
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids[i] + ref[: first + 1]], device=DEVICE)).logits[0]
+        top2 = logits[len(ids[i]) - 1 + first].float().topk(2).values
+        gaps.append(float(top2[0] - top2[1]))
+        firsts.append(first)
+    gaps.sort()
+    return {
+        "first_divergence_median": statistics.median(firsts) if firsts else None,
+        "top2_gap_at_divergence_median": statistics.median(gaps) if gaps else None,
+        "top2_gap_at_divergence_max": max(gaps) if gaps else None,
+        "top2_gaps_at_divergence": [round(g, 4) for g in gaps],
+    }
+
+
+def part_fidelity(model: Any, s: Settings, variants: Sequence[str] = ()) -> dict[str, Any]:
     """bf16: each path's teacher-forced log-probs against transformers' forward; greedy
-    sequences identical to plain's, and transformers' static-cache path's."""
+    sequences identical to plain's, and transformers' static-cache path's; where and at which
+    logit gap each path's sequences first leave plain's."""
     n, new = s.fidelity
     ids = prompts(n, PROMPT, model.config.vocab_size, seed=5)
     reqs = [GenerateRequest(as_text(p), new) for p in ids]
@@ -350,45 +423,78 @@ def part_fidelity(model: Any, s: Settings) -> dict[str, Any]:
     forced = [plain[i] for i in range(n)]
     ref = torch.stack([plain_forward_logprobs(model, ids[i], forced[i]) for i in range(n)])
     static = static_generate(model, ids, new, PROMPT)
+    static_outs = dict(enumerate(static))
     row: dict[str, Any] = {
         "name": "fidelity",
         "sequences": n,
         "new_tokens": new,
         "identical_hf_static_vs_plain": sum(static[i] == plain[i] for i in range(n)),
+        "hf_static_divergence": divergence_margins(model, ids, plain, static_outs),
     }
     log(f"== fidelity ({n} x {new}, random weights, bf16)")
     log(
         f"  transformers static cache: identical to plain {row['identical_hf_static_vs_plain']}/{n}"
+        f"; top-2 gap where it leaves plain: median "
+        f"{row['hf_static_divergence']['top2_gap_at_divergence_median']}"
     )
 
-    def check(path: str) -> dict[str, Any]:
-        engine = engine_for(model, n, path, s.backend)
+    def check(variant: dict[str, Any]) -> dict[str, Any]:
+        env = variant.get("env", {})
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            engine = engine_for(
+                model,
+                n,
+                variant["path"],
+                s.backend,
+                variant.get("prefill"),
+                variant.get("attention", "auto"),
+            )
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         engine.prepare(reqs, [])
+        if variant.get("capacity"):
+            engine._planned_tokens = variant["capacity"]
+        if variant.get("graphs") is False:
+            engine.use_graphs = False
         engine.warmup(reqs[:n], [])
         outs = {c.index: [int(t) for t in c.response.text.split()] for c in engine.generate(reqs)}
         diff = (engine.teacher_forced_logprobs(ids, forced) - ref).abs().flatten()
         return {
             "decode_step": engine.decode_step,
+            "variant": variant,
+            "decode_attention": engine.decode_attention,
+            "decode_backends": engine.decode_backends,
+            "cache_slots": engine._cache.capacity if engine._cache is not None else None,
             "identical_vs_plain": sum(outs[i] == plain[i] for i in range(n)),
             "identical_vs_hf_static": sum(outs[i] == static[i] for i in range(n)),
             "teacher_forced_abs_diff_max": float(diff.max()),
             "teacher_forced_abs_diff_median": float(diff.median()),
             "native_max_abs_diff_at_warmup": engine.warmup_report.native_max_abs_diff,
+            "divergence": divergence_margins(model, ids, plain, outs),
         }
 
-    for path in s.paths:
+    runs: dict[str, dict[str, Any]] = {path: {"path": path} for path in s.paths}
+    runs.update({name: FIDELITY_VARIANTS[name] for name in variants})
+    for name, variant in runs.items():
         reset_memory()
-        result = guarded(path, lambda p=path: check(p))
-        row[path] = result
+        result = guarded(name, lambda v=variant: check(v))
+        row[name] = result
         if "error" not in result:
             result["meets_hf_static"] = (
                 result["identical_vs_plain"] >= row["identical_hf_static_vs_plain"]
             )
             log(
-                f"  {path:<22} identical to plain {result['identical_vs_plain']}/{n}, to the "
+                f"  {name:<34} identical to plain {result['identical_vs_plain']}/{n}, to the "
                 f"static path {result['identical_vs_hf_static']}/{n}; teacher-forced |dlogp| "
                 f"max {result['teacher_forced_abs_diff_max']:.3g} median "
-                f"{result['teacher_forced_abs_diff_median']:.3g}"
+                f"{result['teacher_forced_abs_diff_median']:.3g}; top-2 gap at divergence median "
+                f"{result['divergence']['top2_gap_at_divergence_median']}"
             )
     return row
 
@@ -497,6 +603,14 @@ def main() -> None:
     parser.add_argument(
         "--compile-cache", type=Path, default=None, help="default: a fresh temporary directory"
     )
+    parser.add_argument(
+        "--fidelity-sequences", type=int, default=32, help="prompts in the fidelity part"
+    )
+    parser.add_argument(
+        "--fidelity-variants",
+        default="",
+        help=f"also in the fidelity part, comma-separated: {', '.join(FIDELITY_VARIANTS)}",
+    )
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -506,6 +620,8 @@ def main() -> None:
     cache = args.compile_cache or Path(tempfile.mkdtemp(prefix="slmtui-native-compile-"))
     os.environ["SLMTUI_CACHE_DIR"] = str(cache)  # empty: the first compile of a shape is cold
     s = Settings(args.smoke, args.repeats if not args.smoke else 1, args.with_transformers_compiled)
+    if not args.smoke:
+        s.fidelity = (args.fidelity_sequences, s.fidelity[1])
     import transformers
 
     result: dict[str, Any] = {
@@ -553,7 +669,9 @@ def main() -> None:
         "b256": lambda: part_speed(
             "b256 Qwen2.5-0.5B", model("0.5b"), s.rows_big, s.new_batched, bandwidth, s, False
         ),
-        "fidelity": lambda: part_fidelity(model("0.5b"), s),
+        "fidelity": lambda: part_fidelity(
+            model("0.5b"), s, [v for v in args.fidelity_variants.split(",") if v]
+        ),
         "b1-7b": lambda: part_speed(
             "b1 Qwen2.5-7B", model("7b"), 1, s.new_b1_7b, bandwidth, s, True
         ),

@@ -11,12 +11,14 @@ Two calls of under ten minutes each (torchao goes to a folder of its own, on PYT
 
     python bench/quant.py --smoke        # 2-layer models: a dry run, on a CPU too (~1 min)
 
-``int8-gemlite`` (a variant, not a slmtui setting) runs gemlite 0.6's A16W8 Triton kernels
-(mobiusml/gemlite, a maintained weight-only library with its own GEMV kernels) in place of
-torchao's int8, to learn whether another library's int8 is faster than torchao's eager one. It
-is added to the default variants when gemlite imports: gemlite is pure Python on triton >= 3.6
-(``pip download gemlite==0.6.0.post2 --no-deps``, unpack the sdist into ``.whl/`` and add
-``.whl/gemlite-0.6.0.post2`` to PYTHONPATH). Untested here (no GPU): its failure costs its entry.
+Variants (``--variants``): ``bf16``; ``int8`` and ``int4`` with torchao's own kernels
+(``SLMTUI_QUANT_KERNELS=torchao``); ``int8-gemlite`` and ``int4-gemlite`` through torchao's UIntx
+tensor with gemlite's Triton kernels (``SLMTUI_QUANT_KERNELS=gemlite``; gemlite 0.6 is pure
+Python on triton >= 3.6: ``pip download gemlite==0.6.0.post2 --no-deps -d .whl``, build its
+wheel, carry it; the gemlite variants join the default list when gemlite is installed). Each
+runs the engine's default decode step (native, layers compiled, on CUDA); a ``+eager`` suffix
+runs it with the compile off. One variant failing (a kernel this device lacks, an OOM) costs
+only its own entry: the error is recorded and the bench goes on.
 
 Models are random-initialised from the real Qwen2.5-7B and Qwen2.5-0.5B configs (no hub; the
 same builder as ``bench/engine.py``), in bfloat16, then quantised in place by the worker's own
@@ -30,13 +32,6 @@ Rows (``--rows``; each runs every variant of ``--variants`` on a freshly built m
   05b-b64    Qwen2.5-0.5B, 64 sequences, 128-token prompts, 256 new tokens (reported beside bf16)
   05b-b1     Qwen2.5-0.5B, one sequence
   7b-b64     Qwen2.5-7B, 64 sequences
-Each variant runs the fast engine (static cache, decode step captured in CUDA graphs; eager on
-a CPU) and, in the rows of ``--compile-rows``, ``--compile-variants`` with the decode step
-compiled (``<variant>+compile``: torch.compile fuses the int8 dequantisation into the matmul,
-which eager torchao int8 does not; torchao's configs also set inductor options for the
-process). One variant failing (a kernel this device lacks, an OOM) costs only its own entry:
-the error is recorded and the bench goes on.
-
 Per entry: ``tokens_per_s`` (best of ``--repeats`` timed runs, after the engine's warm-up),
 ``x_bf16`` (over the row's bf16 entry), ``weight_bytes`` (as stored: torchao's int data, scales
 and zero points; tied matrices once) and ``weights_x_bf16``, ``peak_mem_mib``
@@ -51,9 +46,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import time
+import traceback
 from datetime import UTC, datetime
 from importlib.util import find_spec
 from pathlib import Path
@@ -80,11 +77,11 @@ from engine import (
     timed,
 )
 
-from slmtui.quantization import torchao_version
+from slmtui.quantization import gemlite_version, torchao_version
 from slmtui.tasks.base import GenerateRequest
 from slmtui.worker.engines.fast import FastEngine
 from slmtui.worker.engines.plain import PlainEngine
-from slmtui.worker.quantize import quantize_model, tensor_bytes
+from slmtui.worker.quantize import quantize_model
 
 ROWS: dict[str, tuple[str, dict[str, Any], int]] = {
     "7b-b1": ("Qwen2.5-7B", QWEN25_7B, 1),
@@ -105,50 +102,35 @@ FIDELITY_PROMPTS = 4
 FIDELITY_TOKENS = 32
 
 
-def gemlite_int8(model: Any) -> dict[str, Any]:
-    """Every linear layer (a tied lm_head excepted) replaced by gemlite's A16W8 layer."""
-    from gemlite.helper import A16W8, patch_model
-
-    started = time.perf_counter()
-    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    device = next(model.parameters()).device
-    patch_model(model, device, A16W8(device=str(device)), skip_modules=["lm_head"] if tied else [])
-    seen: set[int] = set()
-    stored = sum(
-        tensor_bytes(t, seen) for t in (*model.parameters(), *model.buffers()) if t is not None
-    )
-    return {
-        "weight_bytes": stored,
-        "bytes_counted": "parameters and buffers (gemlite packs weights into buffers)",
-        "quantize_scheme": "gemlite A16W8 int8 weight-only, per output channel",
-        "quantize_s": time.perf_counter() - started,
-    }
-
-
 def run_variant(
     config: dict[str, Any],
     layers: int | None,
     variant: str,
-    compile_step: bool,
+    compile_step: bool | None,
     sequences: int,
     new: int,
     repeats: int,
     reference: dict[str, Any],
 ) -> dict[str, Any]:
-    """Build the model, quantise it (``variant``: bf16 = none), run the fast engine."""
-    quantize = "none" if variant == "bf16" else variant
+    """Build the model, quantise it (``variant``: bf16 = none; ``-gemlite``: gemlite's kernels,
+    else torchao's), run the fast engine."""
+    quantize, _, library = variant.partition("-")
+    quantize = "none" if quantize == "bf16" else quantize
+    os.environ["SLMTUI_QUANT_KERNELS"] = library or "torchao"
     reset_memory()
     model = build_model(config, layers)
     try:
-        info = gemlite_int8(model) if variant == "int8-gemlite" else quantize_model(model, quantize)
+        info = quantize_model(model, quantize)
         out: dict[str, Any] = {
             "weight_bytes": info["weight_bytes"],
             "quantize_scheme": info.get("quantize_scheme"),
             "quantize_s": info.get("quantize_s", 0.0),
             "quantized_layers": info.get("quantized_layers", 0),
-            **({"bytes_counted": info["bytes_counted"]} if "bytes_counted" in info else {}),
+            "quantize_kernels": info.get("quantize_kernels"),
+            "quantize_fused_groups": info.get("quantize_fused_groups"),
+            "quantize_unfused": info.get("quantize_unfused"),
         }
-        if sequences == 1 and not compile_step:
+        if sequences == 1 and compile_step is None:
             out.update(fidelity(model, reference, quantize))
         ids = prompts(sequences, PROMPT_TOKENS, model.config.vocab_size, seed=1)
         reqs = [GenerateRequest(as_text(p), new) for p in ids]
@@ -162,9 +144,10 @@ def run_variant(
 
 
 def speed(
-    model: Any, reqs: list[GenerateRequest], batch: int, compile_step: bool, repeats: int
+    model: Any, reqs: list[GenerateRequest], batch: int, compile_step: bool | None, repeats: int
 ) -> dict[str, Any]:
-    """Fast engine: warm-up timed apart, best of ``repeats`` runs; peak memory over all."""
+    """Fast engine: warm-up timed apart, best of ``repeats`` runs; peak memory over all.
+    ``compile_step`` None: the engine's default (native compiled on CUDA)."""
     start_mib = reset_memory()
     engine = FastEngine(model, IdTokenizer(), batch_size=batch, compile_step=compile_step)
     warm_s, _ = timed(lambda: engine.warmup(reqs[:batch], []))
@@ -176,7 +159,7 @@ def speed(
     return {
         "engine": "fast",
         "cuda_graphs": engine.use_graphs,
-        "compile_step": compile_step,
+        "decode_step": engine.decode_step,
         "decode_attention": engine.decode_attention,
         "tokens": tokens,
         "seconds": best_s,
@@ -221,15 +204,12 @@ def fidelity(model: Any, reference: dict[str, Any], quantize: str) -> dict[str, 
 
 
 def judge(name: str, entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Ratios to the row's bf16 entry (the eager-graph one for eager variants, the compiled one
-    for compiled variants), and the issue's targets."""
+    """Ratios to the row's bf16 entry of the same step (default or ``+eager``), and the
+    issue's targets."""
     for key, entry in entries.items():
-        base = entries.get("bf16+compile" if key.endswith("+compile") else "bf16", {})
-        eager = entries.get("bf16", {}).get("tokens_per_s")
+        base = entries.get("bf16+eager" if key.endswith("+eager") else "bf16", {})
         if "tokens_per_s" in entry and "tokens_per_s" in base:
             entry["x_bf16"] = entry["tokens_per_s"] / base["tokens_per_s"]
-        if "tokens_per_s" in entry and eager:
-            entry["x_bf16_eager"] = entry["tokens_per_s"] / eager
         if "weight_bytes" in entry and "weight_bytes" in entries.get("bf16", {}):
             entry["weights_x_bf16"] = entry["weight_bytes"] / entries["bf16"]["weight_bytes"]
         if entry.get("peak_mem_mib") and base.get("peak_mem_mib"):
@@ -237,10 +217,12 @@ def judge(name: str, entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     meets: dict[str, Any] = {}
     for variant, target in TARGETS.get(name, {}).items():
         tried = [
-            e for k, e in entries.items() if k.split("+")[0] == variant and "x_bf16_eager" in e
+            e
+            for k, e in entries.items()
+            if k.split("+")[0].split("-")[0] == variant and "x_bf16" in e
         ]
         meets[variant] = {
-            "speed": any(e["x_bf16_eager"] >= target["x_bf16_min"] for e in tried),
+            "speed": any(e["x_bf16"] >= target["x_bf16_min"] for e in tried),
             "weights": any(e["weights_x_bf16"] <= target["weights_x_bf16_max"] for e in tried),
             "target": target,
         }
@@ -261,7 +243,7 @@ def show(key: str, entry: dict[str, Any]) -> None:
     log(
         f"  {key:<14} {entry['tokens_per_s']:>10,.0f} tok/s  x{entry.get('x_bf16', 0):.2f} bf16"
         f"  weights {entry['weight_bytes'] / MIB:,.1f} MiB (x{entry.get('weights_x_bf16', 0):.2f})"
-        f"  peak {mem}  warm-up {entry['warmup_s']:.1f} s  graphs {entry['cuda_graphs']}{fid}"
+        f"  peak {mem}  warm-up {entry['warmup_s']:.1f} s  {entry['decode_step']}{fid}"
     )
 
 
@@ -272,28 +254,15 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows")
     parser.add_argument(
         "--variants",
-        default="bf16,int8,int4" + (",int8-gemlite" if find_spec("gemlite") else ""),
-        help="comma-separated: bf16, int8, int4, int8-gemlite",
-    )
-    parser.add_argument(
-        "--compile-rows",
-        default="7b-b1",
-        help="rows that also run --compile-variants with the decode step compiled ('' for none)",
-    )
-    parser.add_argument(
-        "--compile-variants",
-        default="bf16,int8",
-        help="variants run compiled in --compile-rows (torchao's eager int8 dequantises the whole "
-        "matrix per call; compiled, inductor fuses it)",
+        default="bf16,int8,int4" + (",int8-gemlite,int4-gemlite" if find_spec("gemlite") else ""),
+        help="comma-separated: bf16, int8, int4, int8-gemlite, int4-gemlite; a +eager suffix "
+        "runs the native step uncompiled",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per entry (best)")
     args = parser.parse_args()
     import transformers
 
     layers = 2 if args.smoke else None
-    compile_rows = set(filter(None, args.compile_rows.split(",")))
-    if not CUDA:
-        compile_rows = set()  # inductor on a shared CPU: minutes, and nothing to learn
     result: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(sys.argv),
@@ -302,6 +271,7 @@ def main() -> None:
         "cuda": torch.version.cuda,
         "transformers": transformers.__version__,
         "torchao": torchao_version(),
+        "gemlite": gemlite_version(),
         "python": platform.python_version(),
         "smoke": args.smoke,
         "rows": [],
@@ -328,32 +298,26 @@ def main() -> None:
         result["rows"].append(row)
         log(f"== {name}: {model_name}, {sequences} sequence(s), {new} new tokens")
         reference: dict[str, Any] = {}
-        compiled = [False, True] if name in compile_rows else [False]
-        for compile_step in compiled:
-            variants = args.compile_variants if compile_step else args.variants
-            for variant in variants.split(","):
-                key = variant + ("+compile" if compile_step else "")
-                try:
-                    entry = run_variant(
-                        config,
-                        layers,
-                        variant,
-                        compile_step,
-                        sequences,
-                        new,
-                        args.repeats,
-                        reference,
-                    )
-                except Exception as exc:  # one variant failing costs only its own entry
-                    first = (str(exc).strip().splitlines() or [""])[0][:300]
-                    entry = {"error": f"{type(exc).__name__}: {first}"}
-                    gc.collect()
-                    if CUDA:
-                        torch.cuda.empty_cache()
-                row["entries"][key] = entry
-                row["meets"] = judge(name, row["entries"])
-                show(key, entry)
-                save()
+        for key in args.variants.split(","):
+            variant, _, step = key.partition("+")
+            compile_step = False if step == "eager" or not CUDA else None
+            try:
+                entry = run_variant(
+                    config, layers, variant, compile_step, sequences, new, args.repeats, reference
+                )
+            except Exception as exc:  # one variant failing costs only its own entry
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                entry = {
+                    "error": f"{type(exc).__name__}: {first}",
+                    "traceback": traceback.format_exc()[-3000:],
+                }
+                gc.collect()
+                if CUDA:
+                    torch.cuda.empty_cache()
+            row["entries"][key] = entry
+            row["meets"] = judge(name, row["entries"])
+            show(key, entry)
+            save()
         if row.get("meets"):
             log(f"  targets: { {k: (v['speed'], v['weights']) for k, v in row['meets'].items()} }")
     result["total_s"] = time.perf_counter() - began

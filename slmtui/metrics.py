@@ -142,6 +142,9 @@ class RunMetrics:
     quantize_skipped: list[str] | None = None
     """Linear layers torchao left in full precision."""
     torchao_version: str | None = None
+    quantize_kernels: str | None = None
+    """Whose kernels ran the quantised matmuls: "torchao", or "gemlite 0.6.0" (through torchao's
+    UIntx tensor)."""
     llama_cpp_version: str | None = None
     """llama-cpp-python's version, for a llamacpp run (its llama.cpp is vendored with it)."""
     batch_size: int | None = None

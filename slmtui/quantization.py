@@ -18,6 +18,13 @@ int4     ``Int4WeightOnlyConfig(group_size=128,                 GPU only, bfloat
          weights, a scale and zero point per 128 inputs         torchao 0.18 has no CPU int4
 =======  ====================================================  =========================
 
+On one GPU with bf16/fp16 weights and the ``gemlite`` package installed (``scripts/setup`` adds it
+on a box with an NVIDIA GPU; ``pip install 'slmtui[gemlite]'``), both settings run through
+torchao's ``UIntxWeightOnlyConfig`` instead: the same torchao tensor subclass seam, with gemlite's
+Triton GEMV/GEMM kernels (int8 symmetric per output channel; int4 asymmetric, group 128, HQQ
+zero points). ``SLMTUI_QUANT_KERNELS`` (auto, torchao, gemlite) overrides the choice; the run's
+``quantize_scheme`` names what ran.
+
 torchao's default int4 format ("plain") needs the separate ``mslk`` kernel package; the
 tile-packed format needs nothing beyond torch and a GPU of compute capability 8.0 or newer, and
 pads every weight's input width to a multiple of 1024 (stored bytes count the padding). A tied
@@ -27,6 +34,7 @@ add a second copy, not save one.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from importlib import metadata
@@ -41,7 +49,16 @@ SCHEMES: dict[str, str] = {
     "int8": "torchao int8 weight-only, per output channel",
     "int4": f"torchao int4 weight-only, group {INT4_GROUP_SIZE}, tinygemm tile-packed",
 }
-"""What each setting runs, as recorded in the run's metrics (``quantize_scheme``)."""
+"""What each setting runs with torchao's own kernels (``quantize_scheme``)."""
+GEMLITE_SCHEMES: dict[str, str] = {
+    "int8": "int8 weight-only, per output channel, gemlite kernels (torchao UIntx)",
+    "int4": f"int4 weight-only, group {INT4_GROUP_SIZE}, HQQ zero points, gemlite kernels "
+    "(torchao UIntx)",
+}
+"""What each setting runs with gemlite's kernels."""
+KERNEL_LIBRARIES = ("auto", "torchao", "gemlite")
+"""``SLMTUI_QUANT_KERNELS``: auto takes gemlite where it can run (one GPU, 16-bit weights,
+installed), else torchao's kernels."""
 INSTALL_HINT = "pip install 'slmtui[quant]' (torchao >= 0.18)"
 
 
@@ -89,6 +106,23 @@ def check_quantize(quantize: str, gpus: Iterable[int], dtype: str) -> None:
             )
 
 
-def scheme(quantize: str) -> str | None:
-    """The recorded description of ``quantize`` ("none": None)."""
-    return SCHEMES.get(quantize)
+def scheme(quantize: str, kernels: str = "torchao") -> str | None:
+    """The recorded description of ``quantize`` with ``kernels`` ("none": None)."""
+    return (GEMLITE_SCHEMES if kernels == "gemlite" else SCHEMES).get(quantize)
+
+
+def kernels_setting(value: str | None = None) -> str:
+    """``value``, else ``SLMTUI_QUANT_KERNELS``, else auto; ValueError naming the allowed."""
+    chosen = (value or os.environ.get("SLMTUI_QUANT_KERNELS") or "auto").strip().lower()
+    if chosen not in KERNEL_LIBRARIES:
+        raise ValueError(f"SLMTUI_QUANT_KERNELS {chosen!r}: one of {', '.join(KERNEL_LIBRARIES)}")
+    return chosen
+
+
+def gemlite_version() -> str | None:
+    """The installed gemlite's version, or None (read from metadata: importing gemlite needs a
+    GPU)."""
+    try:
+        return metadata.version("gemlite")
+    except metadata.PackageNotFoundError:
+        return None

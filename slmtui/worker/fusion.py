@@ -150,12 +150,15 @@ def fuse_projections(model: Any) -> int:
     return fused
 
 
-def share_rows(weight: torch.Tensor, start: int, end: int) -> torch.Tensor:
+def share_rows(
+    weight: torch.Tensor, start: int, end: int, copy_strided: bool = True
+) -> torch.Tensor:
     """Rows ``start:end`` of ``weight`` without copying its data (a torchao tensor slices its
-    inner tensors; any inner tensor the slice leaves non-contiguous, such as int4's per-group
-    scales, is copied: the kernels want them contiguous)."""
+    inner tensors). ``copy_strided``: any inner tensor the slice leaves non-contiguous, such as
+    int4's per-group scales, is copied, for kernels that want them contiguous (gemlite's take
+    strides and read the slice in place)."""
     part = weight[start:end]
-    if is_plain(part):
+    if is_plain(part) or not copy_strided:
         return part
     flatten = getattr(part, "__tensor_flatten__", None)
     if flatten is None:
@@ -221,27 +224,53 @@ def quantize_fused(
 def _quantized_parts(
     quantized: torch.Tensor, sizes: tuple[int, ...], dtype: torch.dtype
 ) -> list[torch.Tensor]:
-    """Each member's rows of the quantised matrix, checked against the fused product."""
-    probe = torch.randn(
-        (2, quantized.shape[1]),
-        generator=torch.Generator().manual_seed(0),
-        dtype=torch.float32,
-    ).to(device=quantized.device, dtype=dtype)
-    whole = torch.nn.functional.linear(probe, quantized).float()
+    """Each member's rows of the quantised matrix, checked against the fused product (one row
+    and a prefill's worth of rows: kernels differ by row count). A slice is kept in place when
+    its kernels compute it so; else its strided inner tensors are copied (``share_rows``)."""
+    generator = torch.Generator().manual_seed(0)
+    probes = [
+        torch.randn((rows, quantized.shape[1]), generator=generator, dtype=torch.float32).to(
+            device=quantized.device, dtype=dtype
+        )
+        for rows in (1, 2, 80)
+    ]
+    wholes = [torch.nn.functional.linear(probe, quantized).float() for probe in probes]
+
+    def reproduces(part: torch.Tensor, start: int, size: int) -> bool:
+        if tuple(part.shape) != (size, quantized.shape[1]):
+            return False
+        for probe, whole in zip(probes, wholes, strict=True):
+            try:
+                got = torch.nn.functional.linear(probe, part).float()
+            except (RuntimeError, ValueError, AssertionError, NotImplementedError):
+                return False
+            want = whole[:, start : start + size]
+            if float((got - want).abs().max()) > 1e-3 * (float(want.abs().max()) or 1.0):
+                return False
+        return True
+
     parts, start = [], 0
     for size in sizes:
-        part = share_rows(quantized, start, start + size)
-        got = torch.nn.functional.linear(probe, part).float()
-        want = whole[:, start : start + size]
-        scale = float(want.abs().max()) or 1.0
-        if (
-            tuple(part.shape) != (size, quantized.shape[1])
-            or float((got - want).abs().max()) > 1e-3 * scale
-        ):
-            raise ValueError(f"rows {start}:{start + size} do not reproduce the fused product")
+        part = share_rows(quantized, start, start + size, copy_strided=False)
+        if not reproduces(part, start, size):
+            part = share_rows(quantized, start, start + size)
+            if not reproduces(part, start, size):
+                raise ValueError(f"rows {start}:{start + size} do not reproduce the fused product")
         parts.append(part)
         start += size
     return parts
+
+
+def unfuse_projections(model: Any) -> int:
+    """Give every fused group's members their own copies back (before quantising them one by
+    one: a member's new weight would otherwise leave the fused matrix held); how many."""
+    count = 0
+    for owner, names, members in list(groups_of(model)):
+        group = fused_group(owner, names)
+        if group is not None and is_plain(group.weight):
+            _unfuse(owner, group, members)
+            count += 1
+    return count
 
 
 def _unfuse(owner: Any, group: FusedGroup, members: list[torch.nn.Linear]) -> None:

@@ -24,13 +24,23 @@ quantised product instead of three or two.
 
 from __future__ import annotations
 
+import re
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from slmtui.quantization import INT4_GROUP_SIZE, scheme, torchao_version
-from slmtui.worker.fusion import fused_tensors, quantize_fused
+from slmtui.paths import cache_dir
+from slmtui.quantization import (
+    INT4_GROUP_SIZE,
+    gemlite_version,
+    kernels_setting,
+    scheme,
+    torchao_version,
+)
+from slmtui.worker.fusion import fused_tensors, quantize_fused, unfuse_projections
 
 
 class QuantizeError(Exception):
@@ -71,18 +81,117 @@ def int4_group(in_features: int) -> int | None:
     return next((g for g in INT4_GROUPS if in_features % g == 0), None)
 
 
-def _configs(quantize: str) -> dict[int | None, Any]:
-    """The torchao config per int4 group size (``None``: int8, one config for every layer)."""
-    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+GEMLITE_SETTINGS = ("int8",)
+"""Settings ``auto`` gives gemlite's kernels. int4 stays on torchao's tinygemm: gemlite's int4
+kernels did not compile for bfloat16 on the H200 (gemlite 0.5.1 and 0.6.0, triton 3.6:
+"Both operands must be same dtype", 2026-12-02); int8 through gemlite ran Qwen2.5-7B at batch 1
+1.34x bf16 where torchao's int8 ran 0.86x (docs/benchmarks.md)."""
 
-    if quantize == "int8":
-        return {None: Int8WeightOnlyConfig()}
-    if quantize == "int4":
-        return {
-            g: Int4WeightOnlyConfig(group_size=g, int4_packing_format="tile_packed_to_4d")
-            for g in INT4_GROUPS
-        }
-    raise QuantizeError(f"quantize '{quantize}': allowed none, int8, int4")
+
+def choose_kernels(model: Any, quantize: str = "int8", requested: str | None = None) -> str:
+    """ "gemlite" or "torchao": the kernel library ``quantize_model`` uses for ``model``.
+
+    auto (``SLMTUI_QUANT_KERNELS`` unset) takes gemlite for the settings in
+    ``GEMLITE_SETTINGS`` when the model sits on a GPU in bfloat16 or float16 and gemlite
+    imports; asking for gemlite where it cannot run is a QuantizeError (one line)."""
+    wanted = kernels_setting(requested)
+    if wanted == "torchao":
+        return "torchao"
+    first = next(model.parameters())
+    why = None
+    if quantize not in GEMLITE_SETTINGS:
+        why = (
+            f"quantize '{quantize}' does not run on gemlite here (its int4 kernels fail to "
+            "compile for bfloat16 with triton 3.6); torchao's tinygemm runs it"
+        )
+    elif first.device.type != "cuda":
+        why = "gemlite's kernels run on a GPU only"
+    elif first.dtype not in (torch.bfloat16, torch.float16):
+        why = f"gemlite takes bfloat16 or float16 weights, not {str(first.dtype).split('.')[-1]}"
+    elif gemlite_version() is None:
+        why = "gemlite is not installed (pip install 'slmtui[gemlite]')"
+    else:
+        try:
+            import gemlite  # noqa: F401  (needs a GPU and triton at import)
+        except Exception as exc:  # a broken install: auto takes torchao's kernels
+            why = f"gemlite does not import ({type(exc).__name__}: {str(exc)[:80]})"
+    if why is None:
+        _gemlite_tuned_configs()
+        return "gemlite"
+    if wanted == "gemlite":
+        raise QuantizeError(f"SLMTUI_QUANT_KERNELS=gemlite: {why}")
+    return "torchao"
+
+
+def gemlite_tuning_file() -> Path:
+    """Where gemlite's autotuned kernel choices for this GPU are kept between runs."""
+    name = re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name().lower()).strip("_")
+    return cache_dir() / "gemlite" / f"{name}-gemlite-{gemlite_version()}.json"
+
+
+def _gemlite_tuned_configs() -> None:
+    """Give gemlite tuned kernel configs for this GPU before its first matmul: what earlier runs
+    here autotuned (``save_kernel_tuning``), and the configs gemlite ships: it loads the file
+    named after the device (h100.json ...) itself; a Hopper it has none for (the H200) gets the
+    H100's, the same SM 9.0 chip. A shape found in neither autotunes at its first call (tens of
+    seconds per model: the first gemlite run of a model has a long warm-up)."""
+    import gemlite
+
+    name = torch.cuda.get_device_name().lower().replace(" ", "_")
+    shipped = Path(gemlite.__file__).parent / "configs"
+    has_own = any(tag.stem in name for tag in shipped.glob("*.json"))
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    if not has_own and hopper and (shipped / "h100.json").exists():
+        gemlite.load_config(str(shipped / "h100.json"), print_error=False)
+    tuned = gemlite_tuning_file()
+    if tuned.exists():
+        gemlite.load_config(str(tuned), print_error=False)
+
+
+def save_kernel_tuning() -> None:
+    """Keep what gemlite autotuned in this process for the next run (after a warm-up; a no-op
+    when gemlite never loaded). Never fails a run: the file is a cache."""
+    gemlite = sys.modules.get("gemlite")
+    if gemlite is None:
+        return
+    try:
+        target = gemlite_tuning_file()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        gemlite.cache_config(str(target))
+    except Exception:  # a cache that could not be written costs only time
+        return
+
+
+def _quantizer(quantize: str, kernels: str) -> Any:
+    """A function that quantises one ``nn.Linear`` in place (ValueError: no group size fits)."""
+    if quantize not in ("int8", "int4"):
+        raise QuantizeError(f"quantize '{quantize}': allowed none, int8, int4")
+
+    def group_of(linear: torch.nn.Linear) -> int | None:
+        if quantize == "int8":
+            return None
+        group = int4_group(linear.in_features)
+        if group is None:
+            raise ValueError(f"no int4 group size divides {linear.in_features}")
+        return group
+
+    if kernels == "gemlite":
+        from slmtui.worker.gemlite_weights import quantize_linear
+
+        bits = 8 if quantize == "int8" else 4
+        return lambda linear: quantize_linear(linear, bits, group_of(linear))
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    def torchao_one(linear: torch.nn.Linear) -> None:
+        group = group_of(linear)
+        config = (
+            Int8WeightOnlyConfig()
+            if group is None
+            else Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d")
+        )
+        quantize_(linear, config)
+
+    return torchao_one
 
 
 def _is_quantized(module: torch.nn.Module) -> bool:
@@ -100,7 +209,7 @@ def quantize_model(model: Any, quantize: str) -> dict[str, Any]:
         return {"quantize": "none", "quantize_scheme": None, "weight_bytes": weight_bytes(model)}
     started = time.perf_counter()
     try:
-        from torchao.quantization import quantize_
+        import torchao  # noqa: F401
     except ImportError as exc:
         raise QuantizeError(f"quantize '{quantize}' needs torchao: {exc}") from None
     embedding = model.get_input_embeddings()
@@ -114,29 +223,22 @@ def quantize_model(model: Any, quantize: str) -> dict[str, Any]:
     chosen = {name: module for name, module in model.named_modules() if wanted(module, name)}
     if not chosen:
         raise QuantizeError(f"quantize '{quantize}': the model has no linear layer to quantise")
-    configs = _configs(quantize)
+    kernels = choose_kernels(model, quantize)
     fused, unfused = 0, []
     try:
-        if fuses_projections(model):
-
-            def quantize_one(linear: torch.nn.Linear) -> None:
-                group = None if quantize == "int8" else int4_group(linear.in_features)
-                if group not in configs:
-                    raise ValueError(f"no int4 group size divides {linear.in_features}")
-                quantize_(linear, configs[group])
-
+        quantize_one = _quantizer(quantize, kernels)
+        if kernels == "gemlite":
+            # gemlite 0.5's kernels do not compute a row slice of a packed matrix in place
+            # (measured: every group failed the check), so each projection is its own matrix
+            unfuse_projections(model)
+        elif fuses_projections(model):
             fused, unfused = quantize_fused(model, quantize_one)
-        for group, config in configs.items():
-
-            def in_group(module: torch.nn.Module, name: str, group: int | None = group) -> bool:
-                return (
-                    wanted(module, name)
-                    and not _is_quantized(module)
-                    and (group is None or int4_group(module.in_features) == group)
-                )
-
-            if any(in_group(m, n) for n, m in chosen.items()):
-                quantize_(model, config, filter_fn=in_group)
+        modules = dict(model.named_modules())
+        for name in chosen:
+            module = modules[name]
+            fits = quantize == "int8" or int4_group(module.in_features) is not None
+            if fits and wanted(module, name) and not _is_quantized(module):
+                quantize_one(module)  # a width no group divides stays listed as skipped
     except torch.OutOfMemoryError:
         raise  # the run's own failure class ("oom"), not a refusal
     except (RuntimeError, AssertionError, ValueError, ImportError, NotImplementedError) as exc:
@@ -156,7 +258,7 @@ def quantize_model(model: Any, quantize: str) -> dict[str, Any]:
             f"quantize '{quantize}': torchao quantised no layer of this model "
             f"(e.g. {left[0]}: {tuple(chosen[left[0]].weight.shape)})"
         )
-    described = scheme(quantize) or quantize
+    described = scheme(quantize, kernels) or quantize
     if quantize == "int4":
         smaller = sorted(
             {g for n in done if (g := int4_group(modules[n].in_features)) != INT4_GROUP_SIZE},
@@ -170,6 +272,7 @@ def quantize_model(model: Any, quantize: str) -> dict[str, Any]:
         "quantize_s": time.perf_counter() - started,
         "quantized_layers": len(done),
         "torchao_version": torchao_version(),
+        "quantize_kernels": kernels if kernels == "torchao" else f"gemlite {gemlite_version()}",
         "weight_bytes": weight_bytes(model),
     }
     if left:

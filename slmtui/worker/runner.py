@@ -62,6 +62,7 @@ from slmtui.worker import distributed as dist
 from slmtui.worker.engines import load_model_for, loader_of, release_device_memory, start_engine
 from slmtui.worker.engines.base import Completed, Engine, LoadedModel, LoadError
 from slmtui.worker.hardware import describe_hardware
+from slmtui.worker.quantize import save_kernel_tuning
 
 MB = 1024 * 1024
 WARMUP_REQUESTS = 2
@@ -297,6 +298,7 @@ def _run(
     engine = chosen.engine
     _synchronize(loaded.device)
     warmup_s = time.perf_counter() - started - prepare_s
+    save_kernel_tuning()  # gemlite's autotuned kernels, for the next run of these shapes
     engine.live_tokens = 0
     rss_window = _reset_peak_rss()
 

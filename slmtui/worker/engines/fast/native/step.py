@@ -17,6 +17,7 @@ kernels); the engine then captures the whole step, compiled layers included, in 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -62,7 +63,15 @@ def compiled_layer(
 ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """The compiled layer function for ``plan`` (one per kind of layer, shared by engines)."""
     state = tuple(sorted((k, repr(v)) for k, v in vars(act).items() if not k.startswith("_")))
-    key = (plan, attention, type(act), state, backend if isinstance(backend, str) else id(backend))
+    exact = exact_casts() and backend == "inductor"
+    key = (
+        plan,
+        attention,
+        type(act),
+        state,
+        backend if isinstance(backend, str) else id(backend),
+        exact,
+    )
     if key not in _COMPILED:
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
@@ -70,8 +79,19 @@ def compiled_layer(
         layer = make_decode_layer(plan, attend, act, compiled=True)
         # static shapes but the rows (``NativeDecoder.logits`` marks them): one graph for every
         # bucket of 2 rows or more, a new one only for other widths (another model)
-        _COMPILED[key] = torch.compile(layer, fullgraph=True, backend=backend, dynamic=False)
+        options = {"emulate_precision_casts": True} if exact else None
+        _COMPILED[key] = torch.compile(
+            layer, fullgraph=True, backend=backend, dynamic=False, options=options
+        )
     return _COMPILED[key]
+
+
+def exact_casts() -> bool:
+    """Inductor rounds every intermediate to the dtype eager torch would (its
+    ``emulate_precision_casts``) unless ``SLMTUI_COMPILE_EXACT_CASTS=0``: a fused kernel then
+    computes what the model's own eager code computes, op by op, instead of keeping float32
+    between ops (which moved teacher-forced log-probs 100x further from transformers')."""
+    return os.environ.get("SLMTUI_COMPILE_EXACT_CASTS", "1").strip() != "0"
 
 
 class NativeDecoder:
