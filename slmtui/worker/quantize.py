@@ -1,4 +1,5 @@
-"""Weight-only quantisation of a loaded model (torchao), and the bytes its weights take.
+"""Weight-only quantisation of a loaded model (torchao; int8 through gemlite's kernels on a GPU
+where installed: ``choose_kernels``), and the bytes its weights take.
 
 ``quantize_model`` turns the model's ``nn.Linear`` weights into torchao tensor subclasses in
 place (``slmtui.quantization`` names the schemes and checks a setting before any run starts).
@@ -12,14 +13,15 @@ whose input width is not a multiple of 128 (SmolLM2-135M's 576) takes group 64 o
 tile-packed format pads each weight's input width to a multiple of 1024 (and the activations with
 it): a 576-wide layer is stored 1.8x larger than its shape, which ``weight_bytes`` counts.
 Layers are counted after quantising: what torchao left in full precision is listed, never
-claimed. torchao is imported here only, lazily.
+claimed. torchao is imported lazily, here and in ``worker.gemlite_weights``.
 
 For the families the fast engine's native decode step runs (``engines.support.NATIVE_FAMILIES``)
 each layer's query/key/value projections, and its gate/up projections, are fused in full
 precision first and quantised as one matrix (``worker.fusion.quantize_fused``): every output row
 is scaled on its own in both schemes, so the model's own layers, which get row slices of that
 matrix, compute what they would have separately, and the native step reads each group with one
-quantised product instead of three or two.
+quantised product instead of three or two. With gemlite's kernels every projection is its own
+matrix (``fusion.unfuse_projections`` first): gemlite 0.5 does not compute a strided row slice.
 """
 
 from __future__ import annotations
