@@ -31,7 +31,7 @@ from slmtui import profile as profiles
 from slmtui.board import RunState
 from slmtui.carbon import Grid
 from slmtui.errors import UserError
-from slmtui.per import automatic_rank_by, compute_per
+from slmtui.per import automatic_rank_by, automatic_rank_reason, compute_per
 from slmtui.plan import plan_runs
 from slmtui.protocol import Event, RunFailed, RunFinished
 from slmtui.reports.commands import build_per_inputs
@@ -266,7 +266,12 @@ def _print_per(results: list[ResultRow], out: Console, *, title: str, grid: Grid
     if built.inputs:
         by = automatic_rank_by(built.inputs)
         render_per_tables(
-            compute_per(built.inputs, rank_by=by), out, title=title, by=by, grid_label=grid.label
+            compute_per(built.inputs, rank_by=by),
+            out,
+            title=title,
+            by=by,
+            grid_label=grid.label,
+            reason=automatic_rank_reason(by),
         )
 
 

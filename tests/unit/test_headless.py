@@ -127,6 +127,8 @@ def test_all_runs_finish_and_per_tables_are_printed(env) -> None:
     # Each model is the worst of two on some factor, so both PERs are 0 (a zero factor zeroes
     # the geometric mean).
     assert "0.000" in out
+    # so, two models a task, PER-rel ranks, and the note says it was chosen and why
+    assert "Ranked by PER-rel (automatic: fewer than 4 models per task;" in " ".join(out.split())
     with Store(env.db) as store:
         assert sorted(r.model for r in store.results()) == [
             "fast-model",
