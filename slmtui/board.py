@@ -89,7 +89,11 @@ class RunState:
     progress: RunProgress | None = None
     """The latest progress event."""
     samples_done: int = 0
-    """Sample events seen (a console that attached mid-run saw only the later ones)."""
+    """Sample events seen (a console that attached mid-run saw only the later ones); for a
+    run read from the store, the samples it holds."""
+    samples_total: int = 0
+    """Samples in the run as the store last heard (0: unknown); a run read from the store has
+    no progress to say it."""
     metrics: dict[str, Any] | None = None
     """The result's metrics (``slmtui.metrics.RunMetrics`` as a dict) once finished."""
     error: RunFailed | None = None
@@ -133,7 +137,9 @@ class RunState:
         """Samples in the run; 0 while unknown."""
         if self.status == "finished" and self.metrics and self.metrics.get("n_samples"):
             return int(self.metrics["n_samples"])
-        return self.progress.total if self.progress else 0
+        if self.progress is not None and self.progress.total:
+            return self.progress.total
+        return self.samples_total
 
     @property
     def phase(self) -> str:

@@ -69,7 +69,7 @@ def build_parser(console_profile: bool = False) -> argparse.ArgumentParser:
         help="also write plots: a folder (one SVG per chart, PNG too with matplotlib) "
         "or one .svg/.png file (every chart stacked)",
     )
-    add_per_options(report)
+    add_per_options(report, automatic_rank=True)
 
     per = sub.add_parser("per", help="compute PER for a CSV of published or own results")
     per.add_argument(
@@ -103,8 +103,11 @@ def build_parser(console_profile: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def add_per_options(parser: argparse.ArgumentParser) -> None:
-    """PER beyond the study (see slmtui.per): energy factor, weights, log-scale costs."""
+def add_per_options(parser: argparse.ArgumentParser, *, automatic_rank: bool = False) -> None:
+    """PER beyond the study (see slmtui.per): energy factor, weights, log-scale costs, the score
+    that ranks (``automatic_rank``: by default the one the console and the headless run pick)."""
+    from slmtui.per import SMALL_SET
+
     parser.add_argument("--energy", action="store_true", help="energy as a fifth PER factor")
     parser.add_argument(
         "--weight",
@@ -121,8 +124,13 @@ def add_per_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rank-by",
         metavar="{per,per-rel}",
-        default="per",
-        help="order and rank by the study's PER (default) or PER-rel (ratios to the best)",
+        help="order and rank by the study's PER or PER-rel (ratios to the best); default: "
+        + (
+            f"PER-rel when every task has fewer than {SMALL_SET} models, else PER (as the "
+            "console does)"
+            if automatic_rank
+            else "PER"
+        ),
     )
     parser.add_argument(
         "--carbon-intensity",

@@ -407,6 +407,13 @@ def automatic_rank_by(inputs: Iterable[PerInput]) -> str:
     return "per"
 
 
+def automatic_rank_reason(by: str) -> str:
+    """Why ``automatic_rank_by`` chose ``by``, as the views say it after the score's name."""
+    if by == "per_rel":
+        return f"automatic: fewer than {SMALL_SET} models per task"
+    return f"automatic: {SMALL_SET} or more models on a task"
+
+
 def lead(task_rows: Sequence[PerRow]) -> Lead | None:
     """Which factor decides between the two best rows of one task by PER-rel (None: < 2 rows).
 

@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 from slmtui.carbon import Grid, carbon_of, parse_grid
 from slmtui.errors import UserError, allowed_list, did_you_mean
 from slmtui.metrics import RunMetrics
-from slmtui.per import FACTORS, SCORE_LABELS, PerInput, PerRow, compute_per
+from slmtui.per import (
+    FACTORS,
+    SCORE_LABELS,
+    PerInput,
+    PerRow,
+    automatic_rank_by,
+    automatic_rank_reason,
+    compute_per,
+)
 from slmtui.reports.columns import METRIC_COLUMNS
 
 if TYPE_CHECKING:
@@ -44,6 +52,7 @@ def per_command(args: argparse.Namespace) -> int:
     grid = grid_option(args)
     inputs = [_with_csv_carbon(i, grid) for i in read_per_csv(path)]
     options = per_options(args)
+    options["rank_by"] = options["rank_by"] or "per"  # a CSV is ranked as the study ranks
     rows = compute_per(inputs, **options)
     emit(
         rows,
@@ -211,6 +220,10 @@ def report_command(args: argparse.Namespace) -> int:
     if not built.inputs:
         _say("No selected result has every PER metric.", fmt)
         return 0
+    reason = choose_rank_by(options, built.inputs)
+    if reason and fmt == "csv":
+        label = SCORE_LABELS[options["rank_by"]]
+        print(f"slmtui: note: rows ranked by {label} ({reason}; --rank-by)", file=sys.stderr)
     rows = compute_per(built.inputs, **options)
     n = len(built.inputs)
     runs = None
@@ -228,6 +241,7 @@ def report_command(args: argparse.Namespace) -> int:
         getattr(args, "output", None),
         title=f"{n} result{'s' * (n != 1)} from {db}",
         by=options["rank_by"],
+        reason=reason,
         runs=runs,
         grid=grid,
         options=options,
@@ -443,7 +457,7 @@ def grid_option(args: argparse.Namespace) -> Grid:
 
 def per_options(args: argparse.Namespace) -> dict[str, Any]:
     """``compute_per`` keyword arguments from ``--energy``, ``--co2``, ``--log-scale``,
-    ``--weight F=W`` and ``--rank-by``."""
+    ``--weight F=W`` and ``--rank-by`` (``rank_by`` None when not given: the command picks)."""
     weights: dict[str, float] = {}
     for item in getattr(args, "weight", None) or []:
         name, sep, raw = item.partition("=")
@@ -458,9 +472,9 @@ def per_options(args: argparse.Namespace) -> dict[str, Any]:
             weights[name] = float(raw)
         except ValueError:
             raise UserError(f"--weight '{item}': '{raw.strip()}' is not a number") from None
-    given = getattr(args, "rank_by", None) or "per"
-    rank_by = given.strip().lower().replace("-", "_")
-    if rank_by not in SCORE_LABELS:
+    given = getattr(args, "rank_by", None)
+    rank_by = None if given is None else given.strip().lower().replace("-", "_")
+    if given is not None and rank_by not in SCORE_LABELS:
         hint = did_you_mean(given, ("per", "per-rel"))
         raise UserError(f"--rank-by '{given}'{hint}; allowed: 'per' or 'per-rel'")
     return {
@@ -472,6 +486,16 @@ def per_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def choose_rank_by(options: dict[str, Any], inputs: Sequence[PerInput]) -> str | None:
+    """Without ``--rank-by``, set ``options["rank_by"]`` to the score the console's Rank and the
+    headless run choose for these inputs (``per.automatic_rank_by``) and return why; None when
+    the user chose."""
+    if options["rank_by"] is not None:
+        return None
+    options["rank_by"] = automatic_rank_by(inputs)
+    return automatic_rank_reason(options["rank_by"])
+
+
 def render(
     rows: Sequence[PerRow],
     fmt: str,
@@ -479,6 +503,7 @@ def render(
     title: str | None = None,
     width: int = 120,
     by: str = "per",
+    reason: str | None = None,
     runs: Mapping[str, Mapping[str, Any]] | None = None,
     grid: Grid | None = None,
     options: Mapping[str, Any] | None = None,
@@ -486,16 +511,19 @@ def render(
     """The report as text: a format of ``slmtui.cli.FORMATS`` (tables without colour).
 
     ``runs`` (stored runs by run id) adds every stored metric, setting and hardware fact to
-    CSV and JSON; ``grid`` is the carbon intensity behind the CO2 figures."""
+    CSV and JSON; ``grid`` is the carbon intensity behind the CO2 figures; ``reason`` says why
+    ``by`` ranks when it was chosen automatically (every format but CSV carries it)."""
     from slmtui.reports import export
 
     grid_facts = _grid_facts(grid)
     if fmt == "csv":
         return export.to_csv(rows, runs)
     if fmt == "json":
-        return export.to_json(rows, runs, ranked_by=by, grid=grid_facts, options=options)
+        return export.to_json(
+            rows, runs, ranked_by=by, rank_reason=reason, grid=grid_facts, options=options
+        )
     if fmt == "markdown":
-        return export.to_markdown(rows, by=by)
+        return export.to_markdown(rows, by=by, reason=reason)
     if fmt == "table":
         import io
 
@@ -505,7 +533,9 @@ def render(
 
         buffer = io.StringIO()
         console = Console(file=buffer, width=width, color_system=None)
-        render_per_tables(rows, console, title=title, by=by, grid_label=grid and grid.label)
+        render_per_tables(
+            rows, console, title=title, by=by, grid_label=grid and grid.label, reason=reason
+        )
         return buffer.getvalue()
     raise UserError(
         f"--format '{fmt}': allowed: {allowed_list(('table', 'csv', 'json', 'markdown'))}"
@@ -527,6 +557,7 @@ def emit(
     *,
     title: str | None = None,
     by: str = "per",
+    reason: str | None = None,
     runs: Mapping[str, Mapping[str, Any]] | None = None,
     grid: Grid | None = None,
     options: Mapping[str, Any] | None = None,
@@ -538,9 +569,13 @@ def emit(
 
         from slmtui.reports.tables import render_per_tables
 
-        render_per_tables(rows, Console(), title=title, by=by, grid_label=grid and grid.label)
+        render_per_tables(
+            rows, Console(), title=title, by=by, grid_label=grid and grid.label, reason=reason
+        )
         return
-    text = render(rows, fmt, title=title, by=by, runs=runs, grid=grid, options=options)
+    text = render(
+        rows, fmt, title=title, by=by, reason=reason, runs=runs, grid=grid, options=options
+    )
     if output is None:
         sys.stdout.write(text)
         return

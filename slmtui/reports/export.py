@@ -108,12 +108,14 @@ def to_json(
     runs: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     ranked_by: str = "per",
+    rank_reason: str | None = None,
     grid: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> str:
-    """A JSON object: format, versions, units, the grid and PER options used, and ``rows``
-    (objects with the keys of ``COLUMNS``, ``null`` where unknown; with ``runs``, each row's
-    ``run`` holds the run as stored, for ``slmtui import``)."""
+    """A JSON object: format, versions, units, the score that ranks (and why, when it was
+    chosen automatically: ``ranked_by_reason``, else null), the grid and PER options used, and
+    ``rows`` (objects with the keys of ``COLUMNS``, ``null`` where unknown; with ``runs``, each
+    row's ``run`` holds the run as stored, for ``slmtui import``)."""
     from slmtui import __version__
 
     body = []
@@ -128,6 +130,7 @@ def to_json(
         "format_version": FORMAT_VERSION,
         "slmtui_version": __version__,
         "ranked_by": ranked_by,
+        "ranked_by_reason": rank_reason,
         "per_options": dict(options or {}),
         "grid": dict(grid) if grid is not None else None,
         "units": UNITS,
@@ -148,11 +151,13 @@ def _md_table(header: Sequence[str], align: str, body: Sequence[Sequence[str]]) 
     return lines
 
 
-def to_markdown(rows: Sequence[PerRow], *, by: str = "per") -> str:
+def to_markdown(rows: Sequence[PerRow], *, by: str = "per", reason: str | None = None) -> str:
     """One table per task (best first by ``by``, Pareto rows marked, the deciding factor
-    named), then an overview across tasks."""
+    named), then an overview across tasks; ``reason``: why ``by`` was chosen, when it was
+    chosen automatically."""
     label = SCORE_LABELS[by]
-    lines: list[str] = ["# PER by task", "", f"Ranked by {label}. {PER_NOTE}", "", SCORES_NOTE, ""]
+    ranked = f"Ranked by {label}" + (f" ({reason})" if reason else "")
+    lines: list[str] = ["# PER by task", "", f"{ranked}. {PER_NOTE}", "", SCORES_NOTE, ""]
     figures = columns.shown(columns.MARKDOWN_VIEW, rows)  # the same columns in every task
     for task, task_rows in group_by_task(rows).items():
         unit = common_unit(task_rows)

@@ -20,8 +20,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.live import Live
+from rich.measure import Measurement
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -31,7 +32,7 @@ from slmtui import profile as profiles
 from slmtui.board import RunState
 from slmtui.carbon import Grid
 from slmtui.errors import UserError
-from slmtui.per import automatic_rank_by, compute_per
+from slmtui.per import automatic_rank_by, automatic_rank_reason, compute_per
 from slmtui.plan import plan_runs
 from slmtui.protocol import Event, RunFailed, RunFinished
 from slmtui.reports.commands import build_per_inputs
@@ -42,6 +43,10 @@ from slmtui.spec import RunSpec
 from slmtui.store import ResultRow, Store
 
 _REFRESH_S = 0.25
+_BAR_WIDTH = 16
+"""Columns of a run's samples bar on a wide terminal."""
+_MIN_BAR_WIDTH = 6
+"""The narrowest the bar gets before the run's label has to wrap."""
 _TAIL_LINES = 6
 
 
@@ -165,37 +170,62 @@ def _watch(scheduler: Scheduler, ended: queue.SimpleQueue[str], err: Console) ->
 
 
 def progress_table(runs: Sequence[RunState], now: float | None = None) -> RenderableType:
-    """One row per run: label, samples done/total, speed, latency, memory, accuracy, state."""
-    now = time.time() if now is None else now
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    table.add_column("Run")
-    table.add_column("Samples", no_wrap=True)
-    table.add_column("Speed", justify="right")
-    table.add_column("Latency", justify="right")
-    table.add_column("Mem MB", justify="right")
-    table.add_column("Acc", justify="right")
-    table.add_column("State")
-    for run in runs:
-        table.add_row(
-            run.label,
-            _samples_cell(run),
-            *_speed_cells(run),
-            _memory_cell(run),
-            _accuracy_cell(run),
-            _state_cell(run, now),
-        )
-    ended = sum(run.ended for run in runs)
-    return Group(table, Text(f"{ended}/{len(runs)} runs ended", style="dim"))
+    """One row per run: label, a samples bar and done/total, speed, latency, memory, accuracy,
+    state; fitted to the terminal when it is printed (``_FittedProgress``)."""
+    return _FittedProgress(list(runs), time.time() if now is None else now)
 
 
-def _samples_cell(run: RunState) -> RenderableType:
+class _FittedProgress:
+    """The progress table at the console's width: the count ("3/10") is a column of its own
+    that never wraps or shrinks; where the table is too wide the bar beside it narrows first
+    (from ``_BAR_WIDTH`` to ``_MIN_BAR_WIDTH``), then the run's label wraps."""
+
+    def __init__(self, runs: list[RunState], now: float) -> None:
+        self.runs = runs
+        self.now = now
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        table = self.table(_BAR_WIDTH)
+        natural = Measurement.get(console, options.update_width(10_000), table).maximum
+        excess = natural - options.max_width
+        if excess > 0:
+            table = self.table(max(_MIN_BAR_WIDTH, _BAR_WIDTH - excess))
+        yield table
+        ended = sum(run.ended for run in self.runs)
+        yield Text(f"{ended}/{len(self.runs)} runs ended", style="dim")
+
+    def table(self, bar_width: int) -> Table:
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        table.add_column("Run")
+        table.add_column("", max_width=bar_width)  # the bar, which fills its column
+        table.add_column("Samples", no_wrap=True)  # the count beside it
+        table.add_column("Speed", justify="right")
+        table.add_column("Latency", justify="right")
+        table.add_column("Mem MB", justify="right")
+        table.add_column("Acc", justify="right")
+        table.add_column("State")
+        for run in self.runs:
+            table.add_row(
+                run.label,
+                *_samples_cells(run),
+                *_speed_cells(run),
+                _memory_cell(run),
+                _accuracy_cell(run),
+                _state_cell(run, self.now),
+            )
+        return table
+
+
+def _samples_cells(run: RunState) -> tuple[RenderableType, Text]:
+    """The bar (as wide as its column) and the count ("3/10"; empty while the total is
+    unknown)."""
     done, total = run.done, run.total
     if run.status == "finished":
         done = total = max(done, total, 1)
     bar = ProgressBar(
-        total=total or None, completed=done, width=16, pulse=run.status == "running" and not total
+        total=total or None, completed=done, pulse=run.status == "running" and not total
     )
-    return Group(bar, Text(f"{done}/{total or '?'}", style="dim")) if total else bar
+    return bar, Text(f"{done}/{total}" if total else "", style="dim")
 
 
 def _speed_cells(run: RunState) -> tuple[str, str]:
@@ -266,7 +296,12 @@ def _print_per(results: list[ResultRow], out: Console, *, title: str, grid: Grid
     if built.inputs:
         by = automatic_rank_by(built.inputs)
         render_per_tables(
-            compute_per(built.inputs, rank_by=by), out, title=title, by=by, grid_label=grid.label
+            compute_per(built.inputs, rank_by=by),
+            out,
+            title=title,
+            by=by,
+            grid_label=grid.label,
+            reason=automatic_rank_reason(by),
         )
 
 

@@ -92,7 +92,7 @@ def _read_export(path: Path) -> list[dict[str, Any]]:
 
 def _read_store(path: Path) -> tuple[list[dict[str, Any]], dict[str, list[SampleRow]]]:
     """Every run and sample of another store, read-only (the file is not migrated or changed)."""
-    from slmtui.store.schema import SCHEMA_VERSION
+    from slmtui.store.schema import IMPORTABLE_VERSIONS, SCHEMA_VERSION
     from slmtui.store.store import run_record
 
     try:
@@ -101,10 +101,11 @@ def _read_store(path: Path) -> tuple[list[dict[str, Any]], dict[str, list[Sample
         raise UserError(f"{path}: cannot open the store ({exc})") from None
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
+        if version not in IMPORTABLE_VERSIONS:
             raise UserError(
-                f"{path}: store schema version {version}, this slmtui imports version "
-                f"{SCHEMA_VERSION}; open it once with a matching slmtui to upgrade it"
+                f"{path}: store schema version {version}, this slmtui imports versions "
+                f"{', '.join(map(str, IMPORTABLE_VERSIONS))} (its own: {SCHEMA_VERSION}); open "
+                "it once with a matching slmtui to upgrade it"
             )
         cursor = conn.execute("SELECT * FROM runs ORDER BY queued_at, rowid")
         names = [d[0] for d in cursor.description]

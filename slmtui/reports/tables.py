@@ -118,9 +118,11 @@ def render_per_tables(
     title: str | None = None,
     by: str = "per",
     grid_label: str | None = None,
+    reason: str | None = None,
 ) -> None:
     """Print a table per task with the factor that decides it, an overview when there are
-    several tasks, and the notes (why the study's PER can be 0, the grid behind CO2)."""
+    several tasks, and the notes (which score ranks and, given ``reason``, why it was chosen;
+    why the study's PER can be 0; the grid behind CO2)."""
     if title:
         console.print(Text(title, style="bold"))
     groups = group_by_task(rows)
@@ -134,7 +136,8 @@ def render_per_tables(
     carbon = any(r.input.extra.get("co2_run_g") is not None for r in rows)
     console.print(
         Text(
-            f"Ranked by {SCORE_LABELS[by]} (--rank-by per or per-rel). {SCORES_NOTE} "
+            f"Ranked by {SCORE_LABELS[by]} ({f'{reason}; ' if reason else ''}"
+            f"--rank-by per or per-rel). {SCORES_NOTE} "
             f"{PARETO_MARK} on the Pareto front: no other model of the task is at least as good "
             "on every factor and better on one. "
             + PER_NOTE

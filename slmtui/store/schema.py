@@ -53,9 +53,17 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (run_id, idx)
     ) WITHOUT ROWID;
     """,
+    # 1 -> 2: how many samples a run has (from its progress), so a run that ended without a
+    # result still says how far it got ("37/120"); NULL where no progress said.
+    """
+    ALTER TABLE runs ADD COLUMN samples_total INTEGER;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+IMPORTABLE_VERSIONS: tuple[int, ...] = (1, 2)
+"""Versions whose runs and samples an import reads as they are (read-only, never migrated):
+version 2 only added ``runs.samples_total``, which a version-1 store's runs leave empty."""
 
 
 def migrate(conn: sqlite3.Connection) -> int:

@@ -125,6 +125,8 @@ class Store:
                     "give a writable path"
                 ) from exc
         self._lock = threading.RLock()
+        self._totals: dict[str, int] = {}
+        """The sample total last written per run (progress repeats it every second)."""
         try:
             self._conn = sqlite3.connect(
                 ":memory:" if in_memory else str(self.path),
@@ -166,10 +168,19 @@ class Store:
         """Commit what an event says about its run, in one transaction.
 
         ``queued``, ``started``, ``sample``, ``result`` and ``error`` events are stored;
-        ``progress`` is not. A run in a terminal status (finished, failed, cancelled) never
-        changes again, so a late or repeated event cannot undo a result.
+        of ``progress`` only the run's sample total, once it is known (a write when it
+        changes, not one per event). A run in a terminal status (finished, failed, cancelled)
+        never changes again, so a late or repeated event cannot undo a result.
         """
         if isinstance(event, RunProgress):
+            if event.total > 0 and self._totals.get(event.run_id) != event.total:
+                with self._transaction() as conn:
+                    conn.execute(
+                        "UPDATE runs SET samples_total = ?"
+                        " WHERE run_id = ? AND status IN ('queued', 'running')",
+                        (event.total, event.run_id),
+                    )
+                self._totals[event.run_id] = event.total
             return
         if isinstance(event, RunQueued):
             with self._transaction() as conn:
@@ -308,8 +319,8 @@ class Store:
         return [_result_row(r) for r in self._select(sql, params)]
 
     def runs(self, statuses: Sequence[str] | None = None) -> list[RunState]:
-        """Every run (or only those in ``statuses``), oldest first."""
-        sql = "SELECT * FROM runs"
+        """Every run (or only those in ``statuses``), oldest first, with its samples scored."""
+        sql = _RUN_STATE_SELECT
         params: list[Any] = []
         if statuses is not None:
             sql += f" WHERE status IN ({', '.join('?' * len(statuses))})"
@@ -318,7 +329,7 @@ class Store:
         return [_run_state(r) for r in self._select(sql, params)]
 
     def run(self, run_id: str) -> RunState | None:
-        rows = self._select("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        rows = self._select(f"{_RUN_STATE_SELECT} WHERE run_id = ?", [run_id])
         return _run_state(rows[0]) if rows else None
 
     def samples(self, run_id: str) -> list[SampleRow]:
@@ -544,6 +555,7 @@ _RUN_COLUMNS: dict[str, tuple[type, ...]] = {
     "error_reason": (str, type(None)),
     "error_message": (str, type(None)),
     "log_tail": (str, type(None)),
+    "samples_total": (int, type(None)),
 }
 """The runs table's plain columns and the JSON types an imported record may give them."""
 
@@ -584,9 +596,16 @@ def _import_row(record: Mapping[str, Any], where: str) -> dict[str, Any]:
     return row
 
 
+_RUN_STATE_SELECT = (
+    "SELECT *, (SELECT COUNT(*) FROM samples WHERE samples.run_id = runs.run_id)"
+    " AS samples_scored FROM runs"
+)
+"""A runs-table row and how many of its samples are stored, for ``_run_state``."""
+
+
 def _run_state(r: dict[str, Any]) -> RunState:
     """A runs-table row as the run's state (its figures read from ``metrics``, which the flat
-    columns copy for SQL)."""
+    columns copy for SQL; how far it got from its stored samples and total)."""
     error = None
     if r["error_reason"] is not None:
         error = RunFailed(
@@ -603,6 +622,8 @@ def _run_state(r: dict[str, Any]) -> RunState:
         queued_at=r["queued_at"],
         started_at=r["started_at"],
         ended_at=r["finished_at"],
+        samples_done=r["samples_scored"],
+        samples_total=r["samples_total"] or 0,
         metrics=json.loads(r["metrics_json"]) if r["metrics_json"] else None,
         error=error,
         hardware=_loads(r["hardware_json"]),

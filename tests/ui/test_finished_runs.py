@@ -67,3 +67,32 @@ def test_a_running_panel_names_the_step_under_way() -> None:
     console.print(RunPanel.render_run(run))
     text = console.export_text()
     assert "loading   CPU" in text and "· converting GGUF (one time)" in text
+
+
+def test_the_runs_list_shows_how_far_a_stored_run_got_whatever_its_state(tmp_path: Path) -> None:
+    """The console loads earlier runs from the store: a run cancelled mid-way, or running in a
+    detached worker, says how many samples were scored of how many."""
+    from slmtui.protocol import RunFailed, RunProgress, SampleScored
+
+    with Store(tmp_path / "s.sqlite") as store:
+        s = spec("alpha-135m").to_dict()
+        for run_id in ("cancelled", "running"):
+            store.record(RunQueued(run_id, spec=s, t=T0))
+            store.record(RunStarted(run_id, spec=s, pid=1, t=T0 + 1))
+            store.record(RunProgress(run_id, phase="measuring", total=8, t=T0 + 2))
+            for i in range(3):
+                store.record(
+                    SampleScored(
+                        run_id,
+                        index=i,
+                        item_id=f"i{i}",
+                        prompt="p",
+                        output="o",
+                        gold="g",
+                        score=1.0,
+                    )
+                )
+        store.record(RunFailed("cancelled", reason="cancelled", message="stopped", t=T0 + 5))
+        runs = {r.run_id: r for r in store.runs()}
+    assert RunsView.row_cells(runs["cancelled"])[3] == "3/8"
+    assert RunsView.row_cells(runs["running"])[3] == "3/8"

@@ -65,6 +65,16 @@ def test_json_output_to_a_file(tmp_path: Path, capsys):
     assert data[0]["rank"] == 1 and data[0]["pareto"] is True
 
 
+def test_per_ranks_a_csv_by_the_studys_per_unless_asked(tmp_path: Path, capsys):
+    # three models would rank by PER-rel in report; a CSV of published numbers keeps the study's
+    path = str(write(tmp_path, GOOD))
+    code, out, _ = run(capsys, "per", path, "--format", "json")
+    document = json.loads(out)
+    assert code == 0 and (document["ranked_by"], document["ranked_by_reason"]) == ("per", None)
+    code, out, _ = run(capsys, "per", path, "--format", "json", "--rank-by", "per-rel")
+    assert json.loads(out)["ranked_by"] == "per_rel"
+
+
 def test_table_output_to_a_file_has_no_colour_codes(tmp_path: Path, capsys):
     target = tmp_path / "per.txt"
     code, _, _ = run(capsys, "per", str(write(tmp_path, GOOD)), "-o", str(target))

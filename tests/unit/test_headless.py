@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 import sys
 import textwrap
 from dataclasses import replace
@@ -127,6 +128,8 @@ def test_all_runs_finish_and_per_tables_are_printed(env) -> None:
     # Each model is the worst of two on some factor, so both PERs are 0 (a zero factor zeroes
     # the geometric mean).
     assert "0.000" in out
+    # so, two models a task, PER-rel ranks, and the note says it was chosen and why
+    assert "Ranked by PER-rel (automatic: fewer than 4 models per task;" in " ".join(out.split())
     with Store(env.db) as store:
         assert sorted(r.model for r in store.results()) == [
             "fast-model",
@@ -218,6 +221,68 @@ def test_progress_table_shows_each_run() -> None:
     assert "42.0 tokens/s" in text and "23.8 ms/token" in text and "512" in text
     assert "measuring 12s" in text and "queued" in text
     assert "0/2 runs ended" in text
+
+
+def terminal_text(renderable, width: int) -> str:
+    """What a colour terminal of ``width`` columns shows (the bar draws its unfilled part
+    there, which a plain file leaves out)."""
+    console = Console(
+        file=io.StringIO(), width=width, force_terminal=True, color_system="truecolor", record=True
+    )
+    console.print(renderable)
+    return console.export_text()
+
+
+def long_label_runs() -> list[RunState]:
+    from slmtui.protocol import RunProgress
+
+    progress = RunProgress(
+        "r2", phase="measuring", done=37, total=120, tokens_per_s=1042.0, ms_per_token=23.8
+    )
+    return [
+        RunState(
+            "r1",
+            spec("Qwen2.5-0.5B-Instruct"),
+            "finished",
+            queued_at=100.0,
+            launched_at=100.0,
+            ended_at=130.0,
+            metrics={
+                "accuracy": 0.333,
+                "throughput": 1234.5,
+                "throughput_unit": "tokens/s",
+                "latency_ms": 12.3,
+                "peak_mem_mb": 1480.0,
+                "n_samples": 3,
+            },
+        ),
+        RunState(
+            "r2",
+            spec("SmolLM2-135M-Instruct", task="squad_v2"),
+            "running",
+            queued_at=100.0,
+            launched_at=100.0,
+            progress=progress,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("width", [80, 100, 120])
+def test_the_samples_count_is_whole_beside_its_bar_at_80_columns_and_more(width: int) -> None:
+    text = terminal_text(progress_table(long_label_runs(), now=112.0), width)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= width
+    finished = next(line for line in lines if "✓ finished" in line)
+    running = next(line for line in lines if "measuring" in line)
+    # each count whole, right of its bar
+    assert re.search(r"━ +3/3 ", finished) and re.search(r"[━╸╺] +37/120 ", running)
+
+
+def test_the_bar_narrows_before_the_label_wraps() -> None:
+    text = terminal_text(progress_table(long_label_runs(), now=112.0), 120)
+    assert "SmolLM2-135M-Instruct · squad_v2 · CPU" in text  # one line, as before the count
+    running = next(line for line in text.splitlines() if "37/120" in line)
+    assert 6 <= running.count("━") + running.count("╸") + running.count("╺") < 16
 
 
 def test_a_cancelled_run_shows_no_speed() -> None:

@@ -349,6 +349,54 @@ def test_report_ranks_by_per_rel_on_request_and_says_so(tmp_path: Path, store: S
     ]
 
 
+def test_report_ranks_a_small_set_by_per_rel_by_default_and_says_why(store: Store, capsys):
+    # the console's Rank tab and the headless run pick PER-rel for two models; so does report
+    finish(store, "x", "X", "gsm8k", accuracy=0.5, throughput=100, latency_ms=10, memory_mb=1000)
+    finish(store, "y", "Y", "gsm8k", accuracy=0.4, throughput=200, latency_ms=4, memory_mb=600)
+    why = "automatic: fewer than 4 models per task"
+    code, out, _ = report(capsys, store.path)
+    text = " ".join(out.split())
+    assert code == 0
+    assert "ranked by PER-rel" in text and f"Ranked by PER-rel ({why}; --rank-by" in text
+    assert text.index(" Y ") < text.index(" X ")
+    code, out, _ = report(capsys, store.path, "--format", "json")
+    document = json.loads(out)
+    assert (document["ranked_by"], document["ranked_by_reason"]) == ("per_rel", why)
+    assert document["per_options"]["rank_by"] == "per_rel"
+    assert [(r["model"], r["rank_rel"]) for r in document["rows"]] == [("Y", 1), ("X", 2)]
+    code, out, _ = report(capsys, store.path, "--format", "markdown")
+    assert f"Ranked by PER-rel ({why})." in out
+    code, out, err = report(capsys, store.path, "--format", "csv")
+    assert [r["model"] for r in csv.DictReader(io.StringIO(out))] == ["Y", "X"]
+    assert f"slmtui: note: rows ranked by PER-rel ({why}; --rank-by)" in err
+
+
+def test_report_rank_by_flag_wins_over_the_automatic_choice(store: Store, capsys):
+    finish(store, "x", "X", "gsm8k", accuracy=0.5, throughput=100, latency_ms=10, memory_mb=1000)
+    finish(store, "y", "Y", "gsm8k", accuracy=0.4, throughput=200, latency_ms=4, memory_mb=600)
+    code, out, _ = report(capsys, store.path, "--rank-by", "per")
+    text = " ".join(out.split())
+    assert code == 0
+    assert "ranked by PER" in text and "ranked by PER-rel" not in text
+    assert "automatic" not in text
+    code, out, err = report(capsys, store.path, "--format", "json", "--rank-by", "per")
+    document = json.loads(out)
+    assert (document["ranked_by"], document["ranked_by_reason"]) == ("per", None)
+    code, _, err = report(capsys, store.path, "--format", "csv", "--rank-by", "per-rel")
+    assert "note: rows ranked" not in err
+
+
+def test_report_ranks_four_models_by_the_studys_per_and_says_why(store: Store, capsys):
+    for name, acc in (("A", 0.8), ("B", 0.6), ("C", 0.5), ("D", 0.4)):
+        finish(store, name.lower(), name, "gsm8k", accuracy=acc, throughput=100 + 50 * acc)
+    code, out, _ = report(capsys, store.path, "--format", "json")
+    document = json.loads(out)
+    assert code == 0
+    assert document["ranked_by"] == "per"
+    assert document["ranked_by_reason"] == "automatic: 4 or more models on a task"
+    assert [r["model"] for r in document["rows"]] == ["A", "B", "C", "D"]
+
+
 def test_table_has_per_rel_beside_per_at_80_columns():
     text = render(compute_per(THREE), width=80)
     assert "PER-rel" in text and "0.931" in text and "0.669" in text

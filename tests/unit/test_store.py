@@ -148,6 +148,60 @@ def test_failures_and_cancellations_keep_their_reason(store: Store) -> None:
     assert store.results() == []
 
 
+def scored(store: Store, run_id: str, n: int) -> None:
+    for i in range(n):
+        store.record(
+            SampleScored(
+                run_id, index=i, item_id=f"i{i}", prompt="p", output="o", gold="g", score=1.0
+            )
+        )
+
+
+def test_a_run_read_back_says_how_far_it_got_in_every_state(store: Store) -> None:
+    spec = make_spec(limit=10)
+    for run_id in ("cancelled", "failed", "running"):
+        store.begin_run(run_id, spec)
+        store.record(RunStarted(run_id, spec=spec.to_dict(), pid=1))
+        store.record(RunProgress(run_id, phase="loading"))  # no total yet: nothing written
+        store.record(RunProgress(run_id, phase="measuring", done=0, total=10))
+        scored(store, run_id, 3)
+        store.record(RunProgress(run_id, phase="measuring", done=3, total=10))
+    store.record(RunFailed("cancelled", reason="cancelled", message="stopped by the user"))
+    store.record(RunFailed("failed", reason="oom", message="CUDA out of memory"))
+    store.begin_run("queued", spec)
+    runs = {r.run_id: r for r in store.runs()}
+    assert {k: (r.status, r.done, r.total) for k, r in runs.items()} == {
+        "cancelled": ("cancelled", 3, 10),
+        "failed": ("failed", 3, 10),
+        "running": ("running", 3, 10),
+        "queued": ("queued", 0, 0),
+    }
+    assert (store.run("cancelled").done, store.run("cancelled").total) == (3, 10)
+    # an ended run never changes: a late progress's total is not written
+    store.record(RunProgress("cancelled", phase="measuring", done=3, total=99))
+    assert store.run("cancelled").total == 10
+
+
+def test_a_version_1_store_is_upgraded_and_its_runs_kept(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    with Store(path) as store:
+        store.begin_run("r", make_spec())
+        store.record(RunStarted("r", spec=make_spec().to_dict(), pid=1))
+        scored(store, "r", 2)
+        store.record(RunFailed("r", reason="cancelled", message="stopped"))
+    conn = sqlite3.connect(path)  # as version 1 wrote it: no samples_total
+    conn.execute("ALTER TABLE runs DROP COLUMN samples_total")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with Store(path) as store:
+        run = store.run("r")
+        assert (run.status, run.done, run.total) == ("cancelled", 2, 0)  # total: never said
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
 def test_a_finished_run_is_never_undone_by_late_events(store: Store) -> None:
     spec = make_spec()
     finish(store, "r1", spec)

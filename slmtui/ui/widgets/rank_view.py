@@ -24,9 +24,9 @@ from slmtui.carbon import Grid
 from slmtui.errors import UserError
 from slmtui.per import (
     SCORE_LABELS,
-    SMALL_SET,
     PerRow,
     automatic_rank_by,
+    automatic_rank_reason,
     compute_per,
     lead,
     summarise_models,
@@ -328,7 +328,7 @@ class RankView(Vertical):
             other = SCORE_LABELS["per" if self.rank_by == "per_rel" else "per_rel"]
             note.append(f"Ranked by {label}", style="bold")
             if self.rank_choice is None and self.rank_by == "per_rel":
-                note.append(f" (automatic: fewer than {SMALL_SET} models per task)")
+                note.append(f" ({automatic_rank_reason(self.rank_by)})")
             note.append(
                 f"  (n: {other}), relative to the {models} model{'s' * (models != 1)} in view. "
                 "PER is 0 for a model worst on any factor; PER-rel divides each by the best.\n"
