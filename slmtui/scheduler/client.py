@@ -42,6 +42,11 @@ class ServiceUnavailable(UserError):
     """No service answers for this store (and none could be started)."""
 
 
+ATTACH_ATTEMPTS = 2
+ATTACH_RETRY_S = 0.2
+"""``start``: connections tried when the service goes away during the attach, and the pause."""
+
+
 def connect(address: Address) -> socket.socket | None:
     """A connected socket to the store's service, or None when none is listening."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -125,11 +130,27 @@ class ServiceClient:
         return self._sock is not None
 
     def start(self) -> None:
-        """Attach to the service if one runs for this store (else wait for the first submit)."""
-        if self._sock is None:
+        """Attach to the service if one runs for this store (else wait for the first submit).
+
+        A service that closes the connection before answering the attach was on its way out
+        when we connected (idle exit, killed: its socket still took the connection): that counts
+        as none, after one more look."""
+        for attempt in range(ATTACH_ATTEMPTS):
+            if self._sock is not None:
+                return
             sock = connect(self.address)
-            if sock is not None:
+            if sock is None:
+                return
+            try:
                 self._attach(sock)
+                return
+            except ServiceUnavailable:
+                with self._lock:
+                    if self._sock is sock:
+                        self._sock = None
+                sock.close()
+                if attempt + 1 < ATTACH_ATTEMPTS:
+                    time.sleep(ATTACH_RETRY_S)
 
     def _ensure(self) -> None:
         if self._sock is not None:

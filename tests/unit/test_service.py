@@ -7,6 +7,7 @@ shut down (then killed) in the fixture's teardown.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -545,3 +546,31 @@ def test_a_worker_whose_parent_dies_ends_too() -> None:
         if middle.poll() is None:
             middle.kill()
             middle.wait()
+
+
+def test_a_service_that_hangs_up_during_the_attach_counts_as_none(box: Box) -> None:
+    """A service on its way out (idle exit, killed) can still take a connection on its socket
+    and close it unanswered: opening a console then finds no service, without an error."""
+    address = service_address(box.db)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(address.socket_path))
+    listener.listen(8)
+    taken: list[int] = []
+
+    def hang_up() -> None:
+        listener.settimeout(5)
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                taken.append(1)
+                conn.close()  # no reply to the attach
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    client = box.client()
+    try:
+        client.start()
+        assert not client.attached
+        assert len(taken) == 2  # looked twice
+    finally:
+        listener.close()
+        address.socket_path.unlink(missing_ok=True)
