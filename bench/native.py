@@ -76,6 +76,7 @@ from engine import (
     plain_forward_logprobs,
     prompts,
     reset_memory,
+    sdpa_backends,
     static_generate,
     sync,
     timed,
@@ -367,6 +368,11 @@ FIDELITY_VARIANTS: dict[str, dict[str, Any]] = {
     "native_one_prefill": {"path": "native", "prefill": 1 << 20},
     "transformers_one_prefill": {"path": "transformers", "prefill": 1 << 20},
     "transformers_no_graphs": {"path": "transformers", "graphs": False},
+    **{
+        f"{path}_sdpa_{backend.lower()}": {"path": path, "sdpa": backend}
+        for path in ("transformers", "native")
+        for backend in ("EFFICIENT_ATTENTION", "MATH")
+    },
     "native_no_graphs": {"path": "native", "graphs": False},
     **{
         f"{path}_{attention}": {"path": path, "attention": attention}
@@ -381,7 +387,9 @@ FIDELITY_VARIANTS: dict[str, dict[str, Any]] = {
 }
 """Fidelity-only variants: path, environment, prefill chunk tokens (``one_prefill``: every
 prompt in one forward, as plain does), decode attention, cache capacity (tokens per row), CUDA
-graphs off (``no_graphs``: the same step run eagerly)."""
+graphs off (``no_graphs``: the same step run eagerly), the SDPA backends allowed while the engine
+warms up (captures) and runs (``sdpa_efficient_attention``: not cuDNN, which the masked decode
+call gets on the H200 while plain's unmasked call may not)."""
 
 
 def divergence_margins(
@@ -400,8 +408,10 @@ def divergence_margins(
         top2 = logits[len(ids[i]) - 1 + first].float().topk(2).values
         gaps.append(float(top2[0] - top2[1]))
         firsts.append(first)
+    pairs = sorted(zip(firsts, gaps, strict=True))
     gaps.sort()
     return {
+        "first_divergences": [[f, round(g, 4)] for f, g in pairs],
         "first_divergence_median": statistics.median(firsts) if firsts else None,
         "top2_gap_at_divergence_median": statistics.median(gaps) if gaps else None,
         "top2_gap_at_divergence_max": max(gaps) if gaps else None,
@@ -430,6 +440,7 @@ def part_fidelity(model: Any, s: Settings, variants: Sequence[str] = ()) -> dict
         "new_tokens": new,
         "identical_hf_static_vs_plain": sum(static[i] == plain[i] for i in range(n)),
         "hf_static_divergence": divergence_margins(model, ids, plain, static_outs),
+        "sdpa_backends": sdpa_backends(model, PROMPT + new + 16) if CUDA else None,
     }
     log(f"== fidelity ({n} x {new}, random weights, bf16)")
     log(
@@ -439,6 +450,16 @@ def part_fidelity(model: Any, s: Settings, variants: Sequence[str] = ()) -> dict
     )
 
     def check(variant: dict[str, Any]) -> dict[str, Any]:
+        if variant.get("sdpa"):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([getattr(SDPBackend, variant["sdpa"])]):
+                return checked({k: v for k, v in variant.items() if k != "sdpa"}) | {
+                    "sdpa_backend": variant["sdpa"]
+                }
+        return checked(variant)
+
+    def checked(variant: dict[str, Any]) -> dict[str, Any]:
         env = variant.get("env", {})
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
