@@ -23,6 +23,7 @@ from textual.widgets import Footer, Static, TabbedContent, TabPane
 
 from slmtui.board import Board, RunState
 from slmtui.errors import UserError
+from slmtui.per import automatic_rank_reason
 from slmtui.plan import plan_runs
 from slmtui.profile import Profile, check_runs, save_profile
 from slmtui.protocol import Event, RunFailed, RunFinished
@@ -451,13 +452,17 @@ class SlmApp(App[int]):
         rows = rank.rows_in_view()
         runs = self.store.export_runs([r.input.key for r in rows if r.input.key])
         grid = self.profile.settings.grid
+        # why the score ranks, when the user did not choose it (as the Rank tab says)
+        reason = automatic_rank_reason(rank.rank_by) if rank.rank_choice is None else None
         if fmt == "csv":
             text = export.to_csv(rows, runs)
         elif fmt == "json":
             facts = {"g_per_kwh": grid.g_per_kwh, "label": grid.label}
-            text = export.to_json(rows, runs, ranked_by=rank.rank_by, grid=facts)
+            text = export.to_json(
+                rows, runs, ranked_by=rank.rank_by, rank_reason=reason, grid=facts
+            )
         else:
-            text = export.to_markdown(rows, by=rank.rank_by)
+            text = export.to_markdown(rows, by=rank.rank_by, reason=reason)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")

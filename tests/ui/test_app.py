@@ -521,12 +521,23 @@ async def test_export_three_formats_and_a_screenshot(filled_store: Store, tmp_pa
         await pilot.press("enter")
         assert "unknown extension; use .csv, .json or .md" in notices(app)[-1]
         await pilot.press("p")
+        await pilot.press("n")  # the user picks the score: no reason to give
+        await pilot.press("e")
+        app.screen.query_one(Input).value = str(tmp_path / "chosen.json")
+        await pilot.press("enter")
     rows = list(csv.DictReader(io.StringIO((tmp_path / "per.csv").read_text())))
     assert {(r["model"], r["task"]) for r in rows} >= {("gamma-1b", "gsm8k")}
     assert len(rows) == 5
     document = json.loads((tmp_path / "per.json").read_text())
     assert len(document["rows"]) == 5 and document["rows"][0]["run"]["run_id"]
-    assert "gamma-1b" in (tmp_path / "per.md").read_text()
+    # fewer than 4 models per task: PER-rel, chosen automatically, and the exports say why
+    assert document["ranked_by"] == "per_rel"
+    assert document["ranked_by_reason"] == "automatic: fewer than 4 models per task"
+    markdown = (tmp_path / "per.md").read_text()
+    assert "gamma-1b" in markdown
+    assert "Ranked by PER-rel (automatic: fewer than 4 models per task)" in markdown
+    chosen = json.loads((tmp_path / "chosen.json").read_text())
+    assert (chosen["ranked_by"], chosen["ranked_by_reason"]) == ("per", None)
     assert list(tmp_path.glob("*.svg"))
 
 
