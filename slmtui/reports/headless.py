@@ -222,9 +222,12 @@ def _samples_cells(run: RunState) -> tuple[RenderableType, Text]:
     done, total = run.done, run.total
     if run.status == "finished":
         done = total = max(done, total, 1)
-    bar = ProgressBar(
-        total=total or None, completed=done, pulse=run.status == "running" and not total
-    )
+    if total:
+        bar = ProgressBar(total=total, completed=done)
+    elif run.status == "running":
+        bar = ProgressBar(total=None, pulse=True)  # started, its size not known yet
+    else:  # queued, or ended before it knew: empty (rich draws an unknown total as full)
+        bar = ProgressBar(total=1, completed=0)
     return bar, Text(f"{done}/{total}" if total else "", style="dim")
 
 

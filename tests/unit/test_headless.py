@@ -319,3 +319,30 @@ def test_a_run_that_fell_back_to_plain_says_so_when_it_ends() -> None:
     line = _ended_line(state).plain
     assert line.startswith("✓ m · gsm8k · CPU: acc 0.500")
     assert f"ran plain: {fallback}" in line
+
+
+def test_a_queued_run_draws_an_empty_bar_not_a_full_one() -> None:
+    """rich draws a bar of unknown total as complete unless it pulses: a queued run looked
+    done. Its bar must draw as a run at 0 of 10 does (only the unfilled part)."""
+    from slmtui.protocol import RunProgress
+    from slmtui.reports.headless import _samples_cells
+
+    def ansi(run: RunState) -> str:
+        console = Console(
+            file=io.StringIO(), width=16, force_terminal=True, color_system="truecolor"
+        )
+        console.print(_samples_cells(run)[0])
+        return console.file.getvalue()
+
+    queued = RunState("q", spec("m"), "queued", queued_at=100.0)
+    at_zero = RunState(
+        "z",
+        spec("m"),
+        "running",
+        queued_at=100.0,
+        launched_at=100.0,
+        progress=RunProgress("z", phase="measuring", done=0, total=10),
+    )
+    done = replace(at_zero, progress=RunProgress("z", phase="measuring", done=10, total=10))
+    assert ansi(queued) == ansi(at_zero)
+    assert ansi(queued) != ansi(done)
