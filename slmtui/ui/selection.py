@@ -32,11 +32,19 @@ class ModelChoice:
     selected: bool = True
     quantize: str = "none"
     """Weight-only quantisation: none, int8 or int4 (``slmtui.quantization``)."""
+    settings_engine: str | None = None
+    """``[settings] engine``, which the model runs on when its entry names none."""
+
+    @property
+    def engine(self) -> str | None:
+        """The engine the model's runs get: its entry's, else the settings'."""
+        return self.entry.engine if self.entry.engine is not None else self.settings_engine
 
     @property
     def label(self) -> str:
-        """'name', 'name · int4' or 'name · llama.cpp': what tells variants of a model apart."""
-        return model_label(self.entry.name, self.quantize, self.entry.engine)
+        """'name', 'name · int4' or 'name · llama.cpp': what tells variants of a model apart
+        (the label its runs will have, so the settings' engine counts)."""
+        return model_label(self.entry.name, self.quantize, self.engine)
 
 
 @dataclass
@@ -109,6 +117,7 @@ class Selection:
                     dtype=entry.dtype or s.dtype,
                     batch_size=entry.batch_size or s.batch_size,
                     quantize=entry.quantize or s.quantize,
+                    settings_engine=s.engine,
                 )
             )
         by_name = {t.name: t for t in profile.tasks}
@@ -139,7 +148,7 @@ class Selection:
         written = ref.source if ref.kind in ("local", "gguf") else source.strip()
         label = name or ref.name
         s = self.profile.settings
-        if any(m.label == model_label(label, s.quantize) for m in self.models):
+        if any(m.label == model_label(label, s.quantize, s.engine) for m in self.models):
             raise UserError(f"model '{label}' is already in the list; remove it first or rename it")
         choice = ModelChoice(
             entry=ModelEntry(name=label, source=written),
@@ -147,6 +156,7 @@ class Selection:
             dtype=s.dtype,
             batch_size=s.batch_size,
             quantize=s.quantize,
+            settings_engine=s.engine,
         )
         self.models.append(choice)
         return choice
@@ -177,7 +187,7 @@ class Selection:
         start = QUANTIZE.index(model.quantize) if model.quantize in QUANTIZE else 0
         for step in range(1, len(QUANTIZE)):
             value = QUANTIZE[(start + step) % len(QUANTIZE)]
-            if model_label(model.entry.name, value, model.entry.engine) not in taken:
+            if model_label(model.entry.name, value, model.engine) not in taken:
                 model.quantize = value
                 break
         return model.quantize

@@ -124,3 +124,23 @@ def test_inspect_names_the_scheme_and_the_weight_bytes() -> None:
     line = _quantize_line("int8", {**metrics, "weight_bytes": 3 * 2**30})
     assert line == "int8: torchao int8 weight-only, per output channel; 3,072 MiB of weights"
     assert _quantize_line("int4", {}) == "int4: not recorded"
+
+
+def test_a_model_label_follows_the_settings_engine_when_its_entry_names_none(
+    tmp_path: Path,
+) -> None:
+    """Pick's rows read what the runs will be called: under ``[settings] engine = "llamacpp"``
+    a GGUF model without its own engine is the llama.cpp variant."""
+    gguf = tmp_path / "smol.gguf"
+    gguf.write_bytes(b"GGUF")
+    profile = parse_profile(
+        f'[settings]\nengine = "llamacpp"\ngpus = [0]\n\n'
+        f'[[models]]\nname = "smol"\nsource = "{gguf}"\n\n'
+        f'[[models]]\nname = "smol-deq"\nsource = "{gguf}"\nengine = "fast"\n\n'
+        "[tasks.gsm8k]\n",
+        label="engines.toml",
+    )
+    chosen = Selection.from_profile(profile, gpus_available=0)
+    assert [m.label for m in chosen.models] == ["smol · llama.cpp", "smol-deq"]
+    runs = {s.model_label for s in chosen.to_profile().runs()}
+    assert runs == {m.label for m in chosen.models}
