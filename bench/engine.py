@@ -626,6 +626,37 @@ def row_fidelity(model: Any, n: int, new: int) -> dict[str, Any]:
 # -- main ---------------------------------------------------------------------------------------
 
 
+def run_environment(smoke: bool) -> dict[str, Any]:
+    """What every bench result file starts with: date, command, device and versions."""
+    import transformers
+
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(sys.argv),
+        "device": torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor()})",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "smoke": smoke,
+    }
+
+
+def static_generate(model: Any, ids: list[list[int]], new: int, prompt: int) -> list[list[int]]:
+    """transformers' static-cache greedy ``generate`` of exactly ``new`` tokens per row (the
+    fidelity reference), the prompt's ``prompt`` tokens cut off."""
+    with torch.inference_mode():
+        return model.generate(
+            torch.tensor(ids, device=DEVICE),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            cache_implementation="static",
+            pad_token_id=0,
+            disable_compile=True,
+        )[:, prompt:].tolist()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="write every number as JSON here")
@@ -657,16 +688,7 @@ def main() -> None:
 
     rows = args.rows.split(",")
     layers = 2 if args.smoke else None
-    result: dict[str, Any] = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(sys.argv),
-        "device": torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor()})",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "smoke": args.smoke,
-    }
+    result: dict[str, Any] = run_environment(args.smoke)
     bandwidth = copy_bandwidth_bytes_per_s()
     result["copy_bandwidth_gb_per_s"] = bandwidth / 1e9
     log(f"{result['device']}  torch {torch.__version__}  transformers {transformers.__version__}")
@@ -760,18 +782,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def static_generate(model: Any, ids: list[list[int]], new: int, prompt: int) -> list[list[int]]:
-    """transformers' static-cache greedy ``generate`` of exactly ``new`` tokens per row (the
-    fidelity reference), the prompt's ``prompt`` tokens cut off."""
-    with torch.inference_mode():
-        return model.generate(
-            torch.tensor(ids, device=DEVICE),
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            cache_implementation="static",
-            pad_token_id=0,
-            disable_compile=True,
-        )[:, prompt:].tolist()

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -51,7 +50,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +74,7 @@ from engine import (
     plain_forward_logprobs,
     prompts,
     reset_memory,
+    run_environment,
     sdpa_backends,
     static_generate,
     sync,
@@ -646,14 +645,7 @@ def main() -> None:
     import transformers
 
     result: dict[str, Any] = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(sys.argv),
-        "device": torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor()})",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "smoke": args.smoke,
+        **run_environment(args.smoke),
         "compile_cache": str(cache),
         "compile_backend": s.backend,
         "paths": s.paths,

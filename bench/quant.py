@@ -47,11 +47,9 @@ import argparse
 import gc
 import json
 import os
-import platform
 import sys
 import time
 import traceback
-from datetime import UTC, datetime
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -74,6 +72,7 @@ from engine import (
     plain_forward_logprobs,
     prompts,
     reset_memory,
+    run_environment,
     timed,
 )
 
@@ -260,20 +259,12 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per entry (best)")
     args = parser.parse_args()
-    import transformers
 
     layers = 2 if args.smoke else None
     result: dict[str, Any] = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(sys.argv),
-        "device": torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor()})",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
+        **run_environment(args.smoke),
         "torchao": torchao_version(),
         "gemlite": gemlite_version(),
-        "python": platform.python_version(),
-        "smoke": args.smoke,
         "rows": [],
     }
     log(f"{result['device']}  torch {torch.__version__}  torchao {result['torchao']}")

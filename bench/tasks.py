@@ -58,6 +58,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from slmtui.worker.engines.fast.compiling import COMPILE_SETTINGS, DECODE_STEPS
+
 TASKS = ("gsm8k", "squad_v2", "hellaswag", "arc_easy", "imdb")
 TARGETS = {
     "gsm8k": ("tokens/s", 10_000),
@@ -122,14 +124,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--decode-step",
-        choices=("auto", "native", "transformers"),
+        choices=DECODE_STEPS,
         default=None,
         help="the fast engine's decode step (SLMTUI_DECODE_STEP; default auto: native where "
         "the model is supported)",
     )
     parser.add_argument(
         "--compile-step",
-        choices=("auto", "on", "off"),
+        choices=COMPILE_SETTINGS,
         default=None,
         help="compile the fast engine's decode step (SLMTUI_COMPILE_STEP; default auto: the "
         "native step on CUDA)",
