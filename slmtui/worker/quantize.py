@@ -118,7 +118,6 @@ def choose_kernels(model: Any, quantize: str = "int8", requested: str | None = N
         except Exception as exc:  # a broken install: auto takes torchao's kernels
             why = f"gemlite does not import ({type(exc).__name__}: {str(exc)[:80]})"
     if why is None:
-        _gemlite_tuned_configs()
         return "gemlite"
     if wanted == "gemlite":
         raise QuantizeError(f"SLMTUI_QUANT_KERNELS=gemlite: {why}")
@@ -226,6 +225,8 @@ def quantize_model(model: Any, quantize: str) -> dict[str, Any]:
     if not chosen:
         raise QuantizeError(f"quantize '{quantize}': the model has no linear layer to quantise")
     kernels = choose_kernels(model, quantize)
+    if kernels == "gemlite":
+        _gemlite_tuned_configs()
     fused, unfused = 0, []
     try:
         quantize_one = _quantizer(quantize, kernels)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_fast_contract import SMALL
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from slmtui.quantization import GEMLITE_SCHEMES, KERNEL_LIBRARIES, kernels_setting, scheme
@@ -22,15 +23,7 @@ pytest.importorskip("torchao")
 
 def _tiny() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**SMALL)).eval()
 
 
 def test_the_setting_reads_the_environment_and_names_what_is_allowed(
