@@ -5,8 +5,10 @@ dequantised weight; a kernel that fails to build is reported with its traceback'
     PYTHONPATH=/tmp/tao python bench/gemlite_probe.py [--bits 8,4] [--out $OUT/probe.json]
 
 (torchao and gemlite installed under /tmp/tao from carried wheels: bench/quant.py's docstring.)
-Times are CUDA events over 200 calls after 20 warm calls (gemlite autotunes at the first call of
-a shape); bytes are the weight's stored bytes (int data, scales, zero points)."""
+Times are CUDA events over a CUDA graph of 50 calls replayed 4 times, after 20 warm calls
+(gemlite autotunes at the first call of a shape); bytes are the weight's stored bytes (int data,
+scales, zero points). The 2026-12-02 results (bench/results/gemlite_probe_0*_h200.json) were
+timed eagerly, before this: they measured Python dispatch and are kept for their compile errors."""
 
 from __future__ import annotations
 
@@ -27,16 +29,24 @@ SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "dow
 """Qwen2.5-7B's fused projections, (out, in)."""
 
 
-def timed(fn, calls: int = 200) -> float:
-    for _ in range(20):
+def timed(fn, calls: int = 50, replays: int = 4) -> float:
+    """Microseconds per call, replayed in a CUDA graph: eager timing measures the Python
+    dispatch of a tensor subclass (150-350 us a call on the H200), not the kernel."""
+    for _ in range(20):  # gemlite autotunes at the first calls of a shape, outside the graph
         fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(calls):
-        fn()
+    for _ in range(replays):
+        graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls * 1e3  # microseconds
+    return start.elapsed_time(end) / (calls * replays) * 1e3
 
 
 def main() -> None:
