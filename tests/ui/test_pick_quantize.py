@@ -144,3 +144,21 @@ def test_a_model_label_follows_the_settings_engine_when_its_entry_names_none(
     assert [m.label for m in chosen.models] == ["smol · llama.cpp", "smol-deq"]
     runs = {s.model_label for s in chosen.to_profile().runs()}
     assert runs == {m.label for m in chosen.models}
+
+
+@pytest.mark.anyio
+async def test_the_models_table_names_the_llama_cpp_variant(store: Store, tmp_path: Path) -> None:
+    """Two rows of one GGUF file, dequantised and as stored, must not read the same."""
+    gguf = tmp_path / "smol.gguf"
+    gguf.write_bytes(b"GGUF")
+    toml = (
+        f'[settings]\ngpus = [0]\n\n[[models]]\nname = "smol"\nsource = "{gguf}"\n\n'
+        f'[[models]]\nname = "smol"\nsource = "{gguf}"\nengine = "llamacpp"\n\n'
+        "[tasks.gsm8k]\n"
+    )
+    app = make_app(store, tmp_path=tmp_path, profile_toml=toml)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause(0.1)
+        table = app.query_one("#models", DataTable)
+        names = [str(getattr(c, "plain", c)) for c in table.get_column("name")]
+    assert names == ["smol", "smol · llama.cpp"]

@@ -15,7 +15,7 @@ from textual.widgets import DataTable, Static
 from slmtui.errors import UserError
 from slmtui.plan import plan_runs
 from slmtui.scheduler import Gpu
-from slmtui.spec import RunSpec
+from slmtui.spec import RunSpec, model_label
 from slmtui.ui.cells import gpus_text
 from slmtui.ui.selection import Selection
 from slmtui.ui.tables import fill_table
@@ -146,7 +146,8 @@ class PickView(Vertical):
                 str(n),
                 (
                     "✓" if m.selected else " ",
-                    m.entry.name,
+                    # the engine when it makes a variant (quantize shows beside the dtype)
+                    model_label(m.entry.name, None, m.engine),
                     m.entry.source,
                     gpus_text(m.gpus),
                     m.dtype if m.quantize == "none" else f"{m.dtype} · {m.quantize}",
@@ -156,7 +157,7 @@ class PickView(Vertical):
             )
             for n, m in enumerate(self.selection.models)
         ]
-        fill_table(table, MODEL_COLUMNS, rows, max_widths={"name": 28, "source": 30})
+        fill_table(table, MODEL_COLUMNS, rows, max_widths={"name": 34, "source": 30})
         if table.row_count:
             table.move_cursor(row=min(row, table.row_count - 1), animate=False)
 
