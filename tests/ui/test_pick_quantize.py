@@ -10,6 +10,7 @@ import pytest
 from textual.widgets import DataTable
 from ui_fixtures import PROFILE_TOML, T0, ScriptedScheduler, make_app, metrics, spec
 
+from slmtui import profile as profile_module
 from slmtui import quantization
 from slmtui.errors import UserError
 from slmtui.profile import parse_profile
@@ -126,6 +127,13 @@ def test_inspect_names_the_scheme_and_the_weight_bytes() -> None:
     assert _quantize_line("int4", {}) == "int4: not recorded"
 
 
+@pytest.fixture
+def llama_cpp_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The llamacpp engine's library counts as installed (the label needs no llama.cpp)."""
+    monkeypatch.setattr(profile_module, "library_installed", lambda name: name == "llama_cpp")
+
+
+@pytest.mark.usefixtures("llama_cpp_installed")
 def test_a_model_label_follows_the_settings_engine_when_its_entry_names_none(
     tmp_path: Path,
 ) -> None:
@@ -147,6 +155,7 @@ def test_a_model_label_follows_the_settings_engine_when_its_entry_names_none(
 
 
 @pytest.mark.anyio
+@pytest.mark.usefixtures("llama_cpp_installed")
 async def test_the_models_table_names_the_llama_cpp_variant(store: Store, tmp_path: Path) -> None:
     """Two rows of one GGUF file, dequantised and as stored, must not read the same."""
     gguf = tmp_path / "smol.gguf"
