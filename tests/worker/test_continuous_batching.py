@@ -263,3 +263,22 @@ def test_prepare_tokenises_in_batches_to_the_same_ids(tiny_model: tuple[Any, Any
             got = prepared.encode_pair(request.context, continuation)
             assert got == fresh.encode_pair(request.context, continuation)
     assert calls == []  # everything came from prepare
+
+
+def test_a_row_at_its_budget_stops_writing_while_longer_rows_decode_on(
+    tiny_model: tuple[Any, Any],
+):
+    """The cache holds the longest request (prompt + budget) and no more. A row whose prompt
+    nearly fills it and whose budget ends early in a 16-step chunk used to decode the whole
+    chunk on, writing past the last slot (an IndexError here, a device-side assert on a GPU);
+    now each row stops writing at its own budget and every answer is plain's."""
+    model, tokenizer = tiny_model
+    engine = FastEngine(model, tokenizer, batch_size=2, check_every_tokens=16)
+    prompt_tokens = len(engine._encode("a"))
+    long_prompt = "a" * (45 - prompt_tokens + 1)  # 45 tokens: + 2 new + the trash slot = 48
+    requests = [GenerateRequest(long_prompt, 2), GenerateRequest("ab", 20)]
+    engine.prepare(requests, [])
+    done = by_index(engine.generate(requests))
+    assert engine._cache is not None
+    assert engine._cache.capacity == 48  # no slot to spare past the long row's budget
+    assert outputs(done) == outputs(plain_answers(model, tokenizer, requests))

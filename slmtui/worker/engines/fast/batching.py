@@ -43,6 +43,10 @@ class PrefillChunk:
     """The prompt's last chunk: its logits give the first generated token."""
     decode: bool
     """After the last chunk, the row decodes on (its budget is more than one token)."""
+    new_tokens: int | None = None
+    """The request's budget (read with the last chunk): the row stops writing the cache once
+    it has it, while rows with more to go decode on in the same chunk of steps. None: no
+    limit (teacher forcing, warm-up)."""
 
 
 class SlotDecoder(Protocol):
@@ -198,6 +202,7 @@ def _prefill(
                 seq.prefilled,
                 last,
                 last and seq.request.max_new_tokens > 1,
+                seq.request.max_new_tokens,
             )
         )
         seq.prefilled = end

@@ -72,6 +72,8 @@ from slmtui.worker.engines.support import sliding_windows
 
 CHECK_EVERY_TOKENS = 16
 """Decode steps between host-side stop checks (one device sync each)."""
+NO_LIMIT = 2**62
+"""A row's cache position limit when it has none (``FastEngine._limit``)."""
 CAPACITY_STEP = 16
 """The KV cache's capacity (tokens per row, the trash slot included) is rounded up to a multiple
 of this (64 before the native step: up to 63 slots per row of rounding)."""
@@ -330,6 +332,7 @@ class FastEngine(PlainEngine):
         self._ids = torch.zeros((b, 1), dtype=torch.long, device=dev)
         self._pos = torch.zeros((b, 1), dtype=torch.long, device=dev)
         self._active = torch.zeros((b, 1), dtype=torch.bool, device=dev)
+        self._limit = torch.full((b, 1), NO_LIMIT, dtype=torch.long, device=dev)
         self._first = torch.zeros((b,), dtype=torch.long, device=dev)
         self._step_idx = torch.zeros((1,), dtype=torch.long, device=dev)
         self._out = torch.zeros((b, self.loop.check_every), dtype=torch.long, device=dev)
@@ -392,10 +395,12 @@ class FastEngine(PlainEngine):
         """One decode step for the first ``rows`` rows, entirely on the device (capturable).
 
         A decoding row writes its token at its own position and attends to its slots up to it;
-        any other row writes the trash slot, attends to it alone, and keeps its state. The
-        logits come from the native step or transformers' forward; the greedy token and the
-        buffer updates are the same for both.
+        any other row writes the trash slot, attends to it alone, and keeps its state. A row
+        that has its budget stops decoding here (``_limit``): the steps between host checks
+        would otherwise carry it past its last slot. The logits come from the native step or
+        transformers' forward; the greedy token and the buffer updates are the same for both.
         """
+        self._active[:rows].logical_and_(self._pos[:rows] < self._limit[:rows])
         if self._native is not None:
             assert self._cache is not None
             logits = self._native.logits(
@@ -618,14 +623,22 @@ class FastEngine(PlainEngine):
                 pick = torch.tensor(last, device=dev)
                 rows = rows_t.index_select(0, pick)
                 first = logits.index_select(0, pick).argmax(dim=-1)
-                ends = torch.tensor(
-                    [chunks[k].start + len(chunks[k].tokens) for k in last], device=dev
-                )
+                end_at = [chunks[k].start + len(chunks[k].tokens) for k in last]
+                ends = torch.tensor(end_at, device=dev)
                 decode = torch.tensor([chunks[k].decode for k in last], device=dev)
+                # the position of the budget's last token, never written: N-1 decode steps
+                limits = torch.tensor(
+                    [
+                        NO_LIMIT if (n := chunks[k].new_tokens) is None else end + n - 1
+                        for k, end in zip(last, end_at, strict=True)
+                    ],
+                    device=dev,
+                )
                 self._first.index_copy_(0, rows, first)
                 self._ids.index_copy_(0, rows, first[:, None])
                 self._pos.index_copy_(0, rows, ends[:, None])
                 self._active.index_copy_(0, rows, decode[:, None])
+                self._limit.index_copy_(0, rows, limits[:, None])
         return logits
 
     def decode(self, rows: int, steps: int) -> None:
@@ -648,7 +661,7 @@ class FastEngine(PlainEngine):
         assert self._cache is not None
         with torch.inference_mode():
             self._cache.move_rows_to_front(index)
-            for tensor in (self._ids, self._pos, self._active, self._first):
+            for tensor in (self._ids, self._pos, self._active, self._first, self._limit):
                 tensor[: len(rows)] = tensor.index_select(0, index)
             self._active[len(rows) :] = False
 
