@@ -364,6 +364,10 @@ FIDELITY_VARIANTS: dict[str, dict[str, Any]] = {
         "env": {"SLMTUI_COMPILE_EXACT_CASTS": "0"},
     },
     "native_compiled_one_prefill": {"path": "native_compiled", "prefill": 1 << 20},
+    **{
+        f"{path}_prefill_cudnn_never": {"path": path, "env": {"SLMTUI_PREFILL_CUDNN": "never"}}
+        for path in ("transformers", "native", "native_compiled")
+    },
     "native_one_prefill": {"path": "native", "prefill": 1 << 20},
     "transformers_one_prefill": {"path": "transformers", "prefill": 1 << 20},
     "transformers_no_graphs": {"path": "transformers", "graphs": False},
@@ -461,22 +465,25 @@ def part_fidelity(model: Any, s: Settings, variants: Sequence[str] = ()) -> dict
     def checked(variant: dict[str, Any]) -> dict[str, Any]:
         env = variant.get("env", {})
         saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
+        os.environ.update(env)  # for the whole check: some settings are read at each call
         try:
-            engine = engine_for(
-                model,
-                n,
-                variant["path"],
-                s.backend,
-                variant.get("prefill"),
-                variant.get("attention", "auto"),
-            )
+            return checked_here(variant)
         finally:
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+    def checked_here(variant: dict[str, Any]) -> dict[str, Any]:
+        engine = engine_for(
+            model,
+            n,
+            variant["path"],
+            s.backend,
+            variant.get("prefill"),
+            variant.get("attention", "auto"),
+        )
         engine.prepare(reqs, [])
         if variant.get("capacity"):
             engine._planned_tokens = variant["capacity"]

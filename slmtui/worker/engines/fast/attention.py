@@ -16,11 +16,17 @@
 ``variable_shape_kernels()`` keeps the cuDNN SDPA backend out of forwards whose shapes change
 from call to call (prefill chunks, log-likelihood batches): cuDNN builds an execution plan per
 new shape on the host (hundreds of ms each), which left the GPU 5% busy on bf16 log-likelihood.
+A prefill that is plain's own call (every prompt whole from position 0, no mask) keeps every
+backend, as plain's does: on the H200 plain's causal prefill runs cuDNN, and the same call on
+flash rounds differently in about a third of the rows, which made greedy text leave plain's
+from the first token (``bench/fidelity_probe.py``). ``SLMTUI_PREFILL_CUDNN=never`` keeps cuDNN
+out of that call too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -44,10 +50,25 @@ def causal_prefill(enabled: bool = True) -> Iterator[None]:
         _state["causal"] = previous
 
 
+PREFILL_CUDNN_SETTINGS = ("plain", "never")
+
+
+def prefill_cudnn_setting() -> str:
+    """``SLMTUI_PREFILL_CUDNN``: ``plain`` (default: plain's own prefill call may take cuDNN) or
+    ``never``; anything else is a ValueError naming the variable and what is allowed."""
+    value = os.environ.get("SLMTUI_PREFILL_CUDNN", "plain").strip().lower() or "plain"
+    if value not in PREFILL_CUDNN_SETTINGS:
+        raise ValueError(
+            f"SLMTUI_PREFILL_CUDNN='{value}': allowed {', '.join(PREFILL_CUDNN_SETTINGS)}"
+        )
+    return value
+
+
 @contextlib.contextmanager
-def variable_shape_kernels(device: torch.device) -> Iterator[None]:
-    """SDPA without the cuDNN backend on CUDA (see the module docstring); a no-op elsewhere."""
-    if device.type != "cuda":
+def variable_shape_kernels(device: torch.device, plain_call: bool = False) -> Iterator[None]:
+    """SDPA without the cuDNN backend on CUDA (see the module docstring); a no-op elsewhere and
+    for plain's own prefill call (``plain_call``) unless ``SLMTUI_PREFILL_CUDNN=never``."""
+    if device.type != "cuda" or (plain_call and prefill_cudnn_setting() == "plain"):
         yield
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -20,7 +20,7 @@ loglikelihood
     window is scored unpacked through ``plain``'s own path.
 
 Forwards whose shapes change from call to call (prefill, log-likelihood) run SDPA without the
-cuDNN backend (``attention.variable_shape_kernels``). On an out-of-memory error the batch size
+cuDNN backend (``attention.variable_shape_kernels``), except a prefill that is plain's own call. On an out-of-memory error the batch size
 halves and the unanswered requests start again (down to 1), as plain.
 """
 
@@ -605,7 +605,7 @@ class FastEngine(PlainEngine):
                 torch.inference_mode(),
                 self._attention(),
                 causal_prefill(plain_call),
-                variable_shape_kernels(dev),
+                variable_shape_kernels(dev, plain_call),
             ):
                 logits = self._forward(
                     torch.tensor(ids, dtype=torch.long).to(dev),
