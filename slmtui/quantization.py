@@ -21,10 +21,11 @@ int4     ``Int4WeightOnlyConfig(group_size=128,                 GPU only, bfloat
 On one GPU with bf16/fp16 weights and the ``gemlite`` package installed (``scripts/setup`` adds it
 on a box with an NVIDIA GPU; ``pip install 'slmtui[gemlite]'``), int8 runs through torchao's
 ``UIntx`` tensor instead: the same torchao tensor-subclass seam, with gemlite's Triton kernels
-(symmetric, one scale per output channel), measured 1.34x bf16 where torchao's int8 ran 0.86x
-(Qwen2.5-7B, batch 1, H200; docs/benchmarks.md). int4 keeps tinygemm: gemlite's int4 kernels did
-not compile for bfloat16 there. ``SLMTUI_QUANT_KERNELS`` (auto, torchao, gemlite) overrides the
-choice; the run's ``quantize_scheme`` and ``quantize_kernels`` name what ran.
+(symmetric, one scale per output channel), measured 1.27-1.35x bf16 where torchao's int8 ran
+0.86x (Qwen2.5-7B, batch 1, H200; docs/benchmarks.md). int4 keeps tinygemm (1.28-1.30x there):
+gemlite's int4, built for bfloat16, ran 1.09x, so it runs only when asked for.
+``SLMTUI_QUANT_KERNELS`` (auto, torchao, gemlite) overrides the choice; the run's
+``quantize_scheme`` and ``quantize_kernels`` name what ran.
 
 torchao's default int4 format ("plain") needs the separate ``mslk`` kernel package; the
 tile-packed format needs nothing beyond torch and a GPU of compute capability 8.0 or newer, and

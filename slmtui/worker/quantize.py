@@ -84,10 +84,10 @@ def int4_group(in_features: int) -> int | None:
 
 
 GEMLITE_SETTINGS = ("int8",)
-"""Settings ``auto`` gives gemlite's kernels. int4 stays on torchao's tinygemm: gemlite's int4
-kernels did not compile for bfloat16 on the H200 (gemlite 0.5.1 and 0.6.0, triton 3.6:
-"Both operands must be same dtype", 2026-12-02); int8 through gemlite ran Qwen2.5-7B at batch 1
-1.34x bf16 where torchao's int8 ran 0.86x (docs/benchmarks.md)."""
+"""Settings ``auto`` gives gemlite's kernels (``SLMTUI_QUANT_KERNELS=gemlite`` runs int4 there
+too). Measured on the H200 (Qwen2.5-7B, batch 1, triton 3.6, docs/benchmarks.md): gemlite's
+int8 ran 1.27-1.35x bf16 where torchao's ran 0.86x; gemlite's int4 (built for bfloat16) ran
+1.09x where torchao's tinygemm ran 1.28-1.30x, so int4 stays on tinygemm."""
 
 
 def choose_kernels(model: Any, quantize: str = "int8", requested: str | None = None) -> str:
@@ -97,15 +97,12 @@ def choose_kernels(model: Any, quantize: str = "int8", requested: str | None = N
     ``GEMLITE_SETTINGS`` when the model sits on a GPU in bfloat16 or float16 and gemlite
     imports; asking for gemlite where it cannot run is a QuantizeError (one line)."""
     wanted = kernels_setting(requested)
-    if wanted == "torchao":
+    if wanted == "torchao" or (wanted == "auto" and quantize not in GEMLITE_SETTINGS):
         return "torchao"
     first = next(model.parameters())
     why = None
-    if quantize not in GEMLITE_SETTINGS:
-        why = (
-            f"quantize '{quantize}' does not run on gemlite here (its int4 kernels fail to "
-            "compile for bfloat16 with triton 3.6); torchao's tinygemm runs it"
-        )
+    if quantize not in ("int8", "int4"):
+        why = f"quantize '{quantize}': gemlite runs int8 and int4"
     elif first.device.type != "cuda":
         why = "gemlite's kernels run on a GPU only"
     elif first.dtype not in (torch.bfloat16, torch.float16):
