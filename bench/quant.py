@@ -78,9 +78,9 @@ from engine import (
 
 from slmtui.quantization import gemlite_version, torchao_version
 from slmtui.tasks.base import GenerateRequest
+from slmtui.worker import quantize as quantize_module
 from slmtui.worker.engines.fast import FastEngine
 from slmtui.worker.engines.plain import PlainEngine
-from slmtui.worker import quantize as quantize_module
 from slmtui.worker.quantize import quantize_model
 
 ROWS: dict[str, tuple[str, dict[str, Any], int]] = {
