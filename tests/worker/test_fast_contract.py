@@ -68,6 +68,22 @@ def _qwen3() -> Any:
     return Qwen3Config(**SMALL, head_dim=8)
 
 
+def _gemma2() -> Any:
+    """Gemma 3's layout without query/key norms, with soft-capped attention scores and logits
+    (caps low enough that tiny random weights reach them)."""
+    from transformers import Gemma2Config
+
+    return Gemma2Config(
+        **SMALL,
+        head_dim=8,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=8,
+        attn_logit_softcapping=0.5,
+        final_logit_softcapping=5.0,
+    )
+
+
 def _gemma3() -> Any:
     """Layer 0 slides over 8 tokens, layer 1 attends to everything: prompts below are longer."""
     from transformers import Gemma3TextConfig
@@ -92,6 +108,7 @@ FAMILIES: dict[str, Callable[[], Any]] = {
     "mistral": _mistral,
     "qwen2": _qwen2,
     "qwen3": _qwen3,
+    "gemma2": _gemma2,
     "gemma3_text": _gemma3,
     "phi3": _phi3,
 }

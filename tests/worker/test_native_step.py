@@ -332,7 +332,7 @@ def test_a_compiled_step_that_fails_to_compile_runs_eagerly(
     assert any("the compiled native step failed" in note for note in engine.notes)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3_text"])
 def test_the_compiled_layer_traces_whole_and_matches_eager(
     family: str, tmp_path: Path, tiny_model_dir: Path, compile_cache: Path
 ):

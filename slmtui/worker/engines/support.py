@@ -1,8 +1,9 @@
 """Which models the fast engine runs: the families its contract tests cover, nothing else.
 
 The fast engine replaces transformers' cache and attention calls with its own, so a model whose
-layers do something those calls do not (logit soft-capping, a recurrent block, an attention
-layout nobody tested) could be measured wrongly without an error. It therefore runs only the
+layers do something those calls do not (a recurrent block, an attention layout nobody tested)
+could be measured wrongly without an error. (Attention logit soft-capping, Gemma 2's, is one of
+its calls: ``attention.softcapped_attention``.) It therefore runs only the
 architectures that ``tests/worker/test_fast_contract.py`` checks against ``plain`` (greedy tokens
 and log-likelihood choices identical in fp32 on the CPU); every other model runs ``plain``, and
 the run says why (``slmtui.worker.engines.start_engine``).
@@ -19,6 +20,7 @@ FAST_FAMILIES: dict[str, str] = {
     "mistral": "Mistral",
     "qwen2": "Qwen2 / Qwen2.5",
     "qwen3": "Qwen3",
+    "gemma2": "Gemma 2",
     "gemma3_text": "Gemma 3",
     "phi3": "Phi-3 / Phi-3.5",
 }
@@ -30,6 +32,7 @@ NATIVE_FAMILIES: dict[str, str] = {
     "mistral": "Mistral",
     "qwen2": "Qwen2",
     "qwen3": "Qwen3",
+    "gemma2": "Gemma2",
     "gemma3_text": "Gemma3",
     "phi3": "Phi3",
 }
@@ -37,7 +40,7 @@ NATIVE_FAMILIES: dict[str, str] = {
 the fast engine's native decode step implements (``fast/native``; its tests check each one
 against transformers' forward)."""
 
-WINDOW_BY_LAYER_TYPE = frozenset({"qwen2", "qwen3", "gemma3_text"})
+WINDOW_BY_LAYER_TYPE = frozenset({"qwen2", "qwen3", "gemma2", "gemma3_text"})
 """Families whose model builds a sliding-window mask for the layers ``config.layer_types``
 marks ``sliding_attention`` (and a full causal mask for the others)."""
 WINDOW_ON_EVERY_LAYER = frozenset({"mistral", "phi3"})
@@ -66,7 +69,4 @@ def fast_refusal(model: Any) -> str | None:
     if model_type not in FAST_FAMILIES:
         families = ", ".join(sorted(FAST_FAMILIES))
         return f"architecture '{model_type}' is not one it is verified on ({families})"
-    softcap = getattr(config, "attn_logit_softcapping", None)
-    if softcap:
-        return f"attention logit soft-capping ({softcap}) is not in its attention kernels"
     return None

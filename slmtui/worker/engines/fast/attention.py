@@ -13,6 +13,10 @@
   head) with K/V repeated by a stride-0 view, not copied; ``sdpa`` is transformers' own SDPA
   path (``repeat_kv`` copies the cache every layer and step in transformers 5.17).
 
+A model whose attention soft-caps its scores (Gemma 2: ``softcap`` in the call's arguments) gets
+``softcapped_attention`` for every call instead, transformers' eager computation op for op (SDPA
+has no soft-cap; plain runs Gemma 2 eagerly too).
+
 ``variable_shape_kernels()`` keeps the cuDNN SDPA backend out of forwards whose shapes change
 from call to call (prefill chunks, log-likelihood batches): cuDNN builds an execution plan per
 new shape on the host (hundreds of ms each), which left the GPU 5% busy on bf16 log-likelihood.
@@ -188,6 +192,69 @@ def _expand_attention(
     return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
 
 
+def softcapped_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float,
+) -> torch.Tensor:
+    """Gemma 2's ``eager_attention_forward`` (transformers), op for op: scores scaled, then
+    ``tanh(scores / softcap) * softcap``, the mask (boolean: blocked scores take the dtype's
+    minimum, which is what plain's additive mask gives them; additive: added), softmax in
+    float32 rounded back, times the values. No mask and more than one query: causal (the
+    prefill's own call). Returns [batch, queries, heads, dim]."""
+    group = query.shape[1] // key.shape[1]
+    if group > 1:
+        key = key.repeat_interleave(group, dim=1)
+        value = value.repeat_interleave(group, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = scores / softcap
+    scores = torch.tanh(scores)
+    scores = scores * softcap
+    if attention_mask is None and query.shape[2] > 1:
+        q_len, k_len = query.shape[2], key.shape[2]
+        attention_mask = torch.ones((q_len, k_len), dtype=torch.bool, device=query.device).tril(
+            k_len - q_len
+        )
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous()
+
+
+def _softcap_aware(
+    function: Callable[..., tuple[torch.Tensor, None]],
+) -> Callable[..., tuple[torch.Tensor, None]]:
+    """``function``, except for a call that brings ``softcap``: ``softcapped_attention``."""
+
+    def call(
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        softcap = kwargs.get("softcap")
+        if softcap:
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            if attention_mask is not None and attention_mask.dim() == 4 and query.shape[2] == 1:
+                attention_mask = _decode_mask(attention_mask, key)
+            return softcapped_attention(query, key, value, attention_mask, scale, softcap), None
+        return function(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+
+    return call
+
+
 ATTENTION_FUNCTIONS: dict[str, Callable[..., tuple[torch.Tensor, None]]] = {
     "gqa": _gqa_attention,
     "grouped": _grouped_attention,
@@ -201,7 +268,7 @@ def register_attention() -> None:
     from transformers import AttentionInterface
 
     for variant, function in ATTENTION_FUNCTIONS.items():
-        AttentionInterface.register(f"{ATTENTION_NAME}_{variant}", function)
+        AttentionInterface.register(f"{ATTENTION_NAME}_{variant}", _softcap_aware(function))
 
 
 def decode_backend(

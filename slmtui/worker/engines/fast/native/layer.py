@@ -46,6 +46,9 @@ class LayerPlan:
     """Attention scores' factor (Gemma 3: ``query_pre_attn_scalar ** -0.5``)."""
     fused_qkv: bool
     fused_gate_up: bool
+    softcap: float | None = None
+    """Attention scores soft-capped at this value (Gemma 2's ``attn_logit_softcapping``): the
+    step's attention is then ``attention.softcapped_attention``, not SDPA."""
 
     @property
     def q_size(self) -> int:

@@ -29,10 +29,10 @@ from slmtui.worker.engines.fast.native.layer import LayerPlan
 from slmtui.worker.engines.support import NATIVE_FAMILIES, sliding_windows
 from slmtui.worker.fusion import fuse_projections, fused_group, is_plain
 
-ONE_PLUS_NORM = frozenset({"gemma3_text"})
+ONE_PLUS_NORM = frozenset({"gemma2", "gemma3_text"})
 """Families whose RMSNorm scales by ``1 + weight`` in float32 (Gemma)."""
 QK_NORM = frozenset({"qwen3", "gemma3_text"})
-SANDWICH = frozenset({"gemma3_text"})
+SANDWICH = frozenset({"gemma2", "gemma3_text"})
 FUSED_IN_MODEL = frozenset({"phi3"})
 """Families whose model stores ``qkv_proj`` and ``gate_up_proj`` fused."""
 DYNAMIC_ROPE = ("dynamic", "longrope")
@@ -116,7 +116,7 @@ def native_refusal(model: Any) -> str | None:
         return f"{names['causal']} has no lm_head"
     if _class(base.norm) != names["norm"]:
         return f"final norm {_class(base.norm)} is not {names['norm']}"
-    for feature in ("use_bidirectional_attention", "attn_logit_softcapping"):
+    for feature in ("use_bidirectional_attention",):
         if getattr(config, feature, None):
             return f"config '{feature}' is set ({getattr(config, feature)})"
     heads = int(config.num_attention_heads)
@@ -316,6 +316,7 @@ def read_layout(model: Any) -> NativeLayout:
         scaling=float(attn0.scaling),
         fused_qkv=fused_qkv,
         fused_gate_up=fused_gate_up,
+        softcap=getattr(config, "attn_logit_softcapping", None) or None,
     )
     layer_types = list(getattr(config, "layer_types", None) or [])
     by_type = takes_layer_type(base.rotary_emb)

@@ -24,16 +24,31 @@ from typing import Any
 import torch
 
 from slmtui.worker.engines.base import text_config
-from slmtui.worker.engines.fast.attention import ATTENTION_FUNCTIONS
+from slmtui.worker.engines.fast.attention import ATTENTION_FUNCTIONS, softcapped_attention
 from slmtui.worker.engines.fast.native.layer import Attend, LayerPlan, make_decode_layer
 from slmtui.worker.engines.fast.native.layout import NativeLayout, read_layout, rope_limit
 from slmtui.worker.engines.fast.slot_cache import SlotCache
 
 
-def attention_for(variant: str, heads: int, kv_heads: int) -> tuple[str, Attend]:
+def attention_for(
+    variant: str, heads: int, kv_heads: int, softcap: float | None = None
+) -> tuple[str, Attend]:
     """The engine's decode attention call (``attention.ATTENTION_FUNCTIONS``) as the layer
     calls it; ``sdpa`` (transformers' own call, which needs its module) and the GQA variants of a
-    model without grouped heads are ``gqa`` here."""
+    model without grouped heads are ``gqa`` here. With ``softcap`` (Gemma 2) it is
+    ``attention.softcapped_attention``, named "softcap"."""
+    if softcap:
+
+        def capped(
+            query: torch.Tensor,
+            key: torch.Tensor,
+            value: torch.Tensor,
+            mask: torch.Tensor,
+            scale: float,
+        ) -> torch.Tensor:
+            return softcapped_attention(query, key, value, mask, scale, softcap)
+
+        return "softcap", capped
     if variant not in ATTENTION_FUNCTIONS or variant == "sdpa" or kv_heads == heads:
         variant = "gqa"
     function = ATTENTION_FUNCTIONS[variant]
@@ -108,7 +123,7 @@ class NativeDecoder:
         self.layout: NativeLayout = read_layout(model)
         self.config = text_config(model.config)
         plan = self.layout.plan
-        self.attention, attend = attention_for(attention, plan.heads, plan.kv_heads)
+        self.attention, attend = attention_for(attention, plan.heads, plan.kv_heads, plan.softcap)
         self.compiled = compile_layers
         self.layer: Callable[..., tuple[torch.Tensor, torch.Tensor]] = make_decode_layer(
             plan, attend, self.layout.act
