@@ -365,8 +365,9 @@ FIDELITY_VARIANTS: dict[str, dict[str, Any]] = {
     },
     "native_compiled_one_prefill": {"path": "native_compiled", "prefill": 1 << 20},
     **{
-        f"{path}_prefill_cudnn_never": {"path": path, "env": {"SLMTUI_PREFILL_CUDNN": "never"}}
+        f"{path}_prefill_cudnn_{setting}": {"path": path, "env": {"SLMTUI_PREFILL_CUDNN": setting}}
         for path in ("transformers", "native", "native_compiled")
+        for setting in ("never", "plain")
     },
     "native_one_prefill": {"path": "native", "prefill": 1 << 20},
     "transformers_one_prefill": {"path": "transformers", "prefill": 1 << 20},

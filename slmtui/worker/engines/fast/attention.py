@@ -20,11 +20,15 @@ has no soft-cap; plain runs Gemma 2 eagerly too).
 ``variable_shape_kernels()`` keeps the cuDNN SDPA backend out of forwards whose shapes change
 from call to call (prefill chunks, log-likelihood batches): cuDNN builds an execution plan per
 new shape on the host (hundreds of ms each), which left the GPU 5% busy on bf16 log-likelihood.
-A prefill that is plain's own call (every prompt whole from position 0, no mask) keeps every
-backend, as plain's does: on the H200 plain's causal prefill runs cuDNN, and the same call on
-flash rounds differently in about a third of the rows, which made greedy text leave plain's
-from the first token (``bench/fidelity_probe.py``). ``SLMTUI_PREFILL_CUDNN=never`` keeps cuDNN
-out of that call too.
+A prefill that is plain's own call (every prompt whole from position 0, no mask) keeps cuDNN
+out too unless ``SLMTUI_PREFILL_CUDNN=plain``: on the H200 plain's causal prefill runs cuDNN, and
+the same call on flash rounds differently in about a third of the rows, which makes greedy text
+leave plain's at the first near-tie (``bench/fidelity_probe.py``: 7/64 sequences identical to
+plain's on random weights, 24-29/64 with ``plain``, transformers' static cache 24-26). It is not
+the default because cuDNN's first call at each new prompt length costs ~50 ms, and a run refills
+one row at a time with prompts of every length: that setup would land in the measured window,
+hitting small models' speed hardest. (Accuracy on real items was within sampling noise of
+plain's with flash.)
 """
 
 from __future__ import annotations
@@ -54,13 +58,14 @@ def causal_prefill(enabled: bool = True) -> Iterator[None]:
         _state["causal"] = previous
 
 
-PREFILL_CUDNN_SETTINGS = ("plain", "never")
+PREFILL_CUDNN_SETTINGS = ("never", "plain")
 
 
 def prefill_cudnn_setting() -> str:
-    """``SLMTUI_PREFILL_CUDNN``: ``plain`` (default: plain's own prefill call may take cuDNN) or
-    ``never``; anything else is a ValueError naming the variable and what is allowed."""
-    value = os.environ.get("SLMTUI_PREFILL_CUDNN", "plain").strip().lower() or "plain"
+    """``SLMTUI_PREFILL_CUDNN``: ``never`` (default) or ``plain`` (plain's own prefill call may
+    take cuDNN, as plain's does); anything else is a ValueError naming the variable and what is
+    allowed."""
+    value = os.environ.get("SLMTUI_PREFILL_CUDNN", "never").strip().lower() or "never"
     if value not in PREFILL_CUDNN_SETTINGS:
         raise ValueError(
             f"SLMTUI_PREFILL_CUDNN='{value}': allowed {', '.join(PREFILL_CUDNN_SETTINGS)}"
@@ -71,7 +76,7 @@ def prefill_cudnn_setting() -> str:
 @contextlib.contextmanager
 def variable_shape_kernels(device: torch.device, plain_call: bool = False) -> Iterator[None]:
     """SDPA without the cuDNN backend on CUDA (see the module docstring); a no-op elsewhere and
-    for plain's own prefill call (``plain_call``) unless ``SLMTUI_PREFILL_CUDNN=never``."""
+    for plain's own prefill call (``plain_call``) with ``SLMTUI_PREFILL_CUDNN=plain``."""
     if device.type != "cuda" or (plain_call and prefill_cudnn_setting() == "plain"):
         yield
         return

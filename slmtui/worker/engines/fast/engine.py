@@ -20,9 +20,9 @@ loglikelihood
     window is scored unpacked through ``plain``'s own path.
 
 Forwards whose shapes change from call to call (prefill, log-likelihood) run SDPA without the
-cuDNN backend (``attention.variable_shape_kernels``), except a prefill that is plain's own call.
-On an out-of-memory error the batch size halves and the unanswered requests start again (down
-to 1), as plain.
+cuDNN backend (``attention.variable_shape_kernels``; ``SLMTUI_PREFILL_CUDNN=plain`` lets a prefill
+that is plain's own call take it, as plain's does). On an out-of-memory error the batch size
+halves and the unanswered requests start again (down to 1), as plain.
 """
 
 from __future__ import annotations
