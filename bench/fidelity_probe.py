@@ -15,6 +15,14 @@ This probe answers that directly, on Qwen2.5-0.5B's config (random weights, bf16
   cuDNN (the default) and with ``SLMTUI_PREFILL_CUDNN=never``;
 * what cuDNN costs a prefill: a first call at a new prompt length against a repeated one.
 
+Ready for the next device session: the same with PyTorch's opt-in ragged cuDNN path, which is
+meant to skip the per-length plan, checked against a plain that ran without it (plain's logits
+kept in the first process, read in the second)::
+
+    python bench/fidelity_probe.py --out $OUT/probe.json --save-reference /tmp/plain.pt && \
+    TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python bench/fidelity_probe.py \
+        --reference /tmp/plain.pt --out $OUT/probe_avoid_recompile.json
+
 Per path and call: the first module, in plain's execution order, whose output is not bitwise
 plain's, and how many elements, rows and the largest |difference|; the share of rows whose
 logits are bitwise plain's at each step. Rows whose input token already differs (the static
@@ -391,34 +399,12 @@ def refill_cost(model: Any, sequences: int, batch: int) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--smoke", action="store_true", help="2 layers, 4 sequences")
-    parser.add_argument("--sequences", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=4, help="decode calls compared by module")
-    parser.add_argument("--new", type=int, default=16, help="tokens compared on logits")
-    parser.add_argument(
-        "--refill-only", action="store_true", help="only the refill-cost part (CUDA)"
-    )
-    args = parser.parse_args()
-    n = 4 if args.smoke else args.sequences
-    model = build_model(QWEN25_05B, 2 if args.smoke else None)
-    ids = prompts(n, PROMPT, model.config.vocab_size, seed=5)
-    calls = 1 + args.steps
-    result: dict[str, Any] = {"sequences": n, "prompt": PROMPT, "new": args.new}
-
-    def save() -> None:
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=1))
-
-    if args.refill_only:
-        result["refill_cost"] = refill_cost(
-            model, 8 if args.smoke else 256, 4 if args.smoke else 64
-        )
-        save()
-        return
+def plain_part(
+    model: Any, ids: list[list[int]], args: Any, result: dict[str, Any], save: Any
+) -> tuple[list[list[int]], torch.Tensor]:
+    """The attention-call shares, plain's record, plain again, the static path and the fast
+    engine's transformers step by module; returns plain's tokens and logits."""
+    n, calls = len(ids), 1 + args.steps
     c = model.config
     result["attention_calls"] = attention_calls(
         n, c.num_attention_heads, c.num_key_value_heads, c.hidden_size // c.num_attention_heads
@@ -465,6 +451,61 @@ def main() -> None:
     logits, _ = fast_logits(model, ids, forced, "transformers", graphs=False, recorder=holder)
     report("fast_transformers_no_graphs", holder[-1], logits)
     del logits, _
+    return forced, reference
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="2 layers, 4 sequences")
+    parser.add_argument("--sequences", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=4, help="decode calls compared by module")
+    parser.add_argument("--new", type=int, default=16, help="tokens compared on logits")
+    parser.add_argument(
+        "--refill-only", action="store_true", help="only the refill-cost part (CUDA)"
+    )
+    parser.add_argument(
+        "--save-reference", type=Path, help="keep plain's tokens and logits here (torch.save)"
+    )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        help="plain's tokens and logits from another process (--save-reference): only the fast "
+        "paths and the first-call costs run here, e.g. under TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1, "
+        "which plain's own process did not have",
+    )
+    args = parser.parse_args()
+    n = 4 if args.smoke else args.sequences
+    model = build_model(QWEN25_05B, 2 if args.smoke else None)
+    ids = prompts(n, PROMPT, model.config.vocab_size, seed=5)
+    result: dict[str, Any] = {"sequences": n, "prompt": PROMPT, "new": args.new}
+    result["avoid_recompile"] = os.environ.get("TORCH_CUDNN_SDPA_AVOID_RECOMPILE")
+
+    def save() -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))
+
+    if args.refill_only:
+        result["refill_cost"] = refill_cost(
+            model, 8 if args.smoke else 256, 4 if args.smoke else 64
+        )
+        save()
+        return
+    if args.reference is not None:
+        kept = torch.load(args.reference)
+        if kept["ids"] != ids:
+            raise SystemExit(f"{args.reference}: its prompts are not this run's")
+        forced = kept["tokens"].tolist()
+        reference = kept["logits"].to(model.device)
+        result["reference"] = str(args.reference)
+    else:
+        forced, reference = plain_part(model, ids, args, result, save)
+        if args.save_reference is not None:
+            torch.save(
+                {"ids": ids, "tokens": torch.tensor(forced), "logits": reference.cpu()},
+                args.save_reference,
+            )
 
     for setting in ("plain", "never"):
         os.environ["SLMTUI_PREFILL_CUDNN"] = setting
