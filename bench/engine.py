@@ -144,7 +144,7 @@ class IdTokenizer:
 
 
 def build_model(config: dict[str, Any], layers: int | None = None) -> Any:
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import Qwen2Config
 
     fields = dict(config)
     if layers is not None:
@@ -154,12 +154,20 @@ def build_model(config: dict[str, Any], layers: int | None = None) -> Any:
             fields.update(SMOKE_CPU)
     cfg = Qwen2Config(**fields, bos_token_id=None, eos_token_id=None)
     cfg._attn_implementation = "sdpa"
+    return random_model(cfg, attn_implementation="sdpa")
+
+
+def random_model(config: Any, **kwargs: Any) -> Any:
+    """A bf16 model of ``config`` on the bench device, random weights (seed 0), eval mode, no
+    EOS (every sequence runs its full budget) and pad id 0."""
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(DEVICE):
-            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
     finally:
         torch.set_default_dtype(previous)
     model.eval()

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import CUDA, QWEN25_05B, IdTokenizer, as_text, build_model, log, prompts, timed
-from native import PATHS
+from native import engine_for
 
 from slmtui.tasks.base import GenerateRequest
 from slmtui.worker.engines.fast import FastEngine
@@ -195,18 +195,6 @@ def plain_generate(model: Any, ids: list[list[int]], new: int, static: bool) -> 
         )
 
 
-def fast_engine(model: Any, n: int, path: str) -> FastEngine:
-    decode_step, compile_step = PATHS[path]
-    return FastEngine(
-        model,
-        IdTokenizer(),
-        batch_size=n,
-        decode_step=decode_step,
-        compile_step=compile_step,
-        compile_backend="inductor" if CUDA else "aot_eager",
-    )
-
-
 def fast_logits(
     model: Any,
     ids: list[list[int]],
@@ -218,7 +206,7 @@ def fast_logits(
     """The fast engine's teacher-forced logits on plain's tokens (after its warm-up); with
     ``recorder``, a Recorder is started just before (and appended)."""
     n = len(ids)
-    engine = fast_engine(model, n, path)
+    engine = engine_for(model, n, path, "inductor" if CUDA else "aot_eager")
     reqs = [GenerateRequest(as_text(p), len(forced[0])) for p in ids]
     engine.prepare(reqs, [])
     if not graphs:

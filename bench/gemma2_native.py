@@ -16,12 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import CUDA, DEVICE, IdTokenizer, as_text, log, prompts, run_environment, timed
+from engine import CUDA, IdTokenizer, as_text, log, prompts, random_model, run_environment, timed
 
 from slmtui.tasks.base import GenerateRequest
 from slmtui.worker.engines.fast import FastEngine
@@ -57,22 +55,10 @@ PATHS["native_compiled"] = ("native", True)
 
 
 def build(smoke: bool) -> Any:
-    from transformers import AutoModelForCausalLM, Gemma2Config
+    from transformers import Gemma2Config
 
     fields = GEMMA2_2B | (SMOKE if smoke else {})
-    cfg = Gemma2Config(**fields, bos_token_id=None, eos_token_id=None)
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(DEVICE):
-            model = AutoModelForCausalLM.from_config(cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    model.eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return random_model(Gemma2Config(**fields, bos_token_id=None, eos_token_id=None))
 
 
 def main() -> None:

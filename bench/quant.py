@@ -78,7 +78,6 @@ from engine import (
 
 from slmtui.quantization import gemlite_version, torchao_version
 from slmtui.tasks.base import GenerateRequest
-from slmtui.worker import quantize as quantize_module
 from slmtui.worker.engines.fast import FastEngine
 from slmtui.worker.engines.plain import PlainEngine
 from slmtui.worker.quantize import quantize_model
@@ -117,8 +116,6 @@ def run_variant(
     quantize, _, library = variant.partition("-")
     quantize = "none" if quantize == "bf16" else quantize
     os.environ["SLMTUI_QUANT_KERNELS"] = library or "torchao"
-    # the bench measures gemlite's int4 too, which auto does not choose (GEMLITE_SETTINGS)
-    quantize_module.GEMLITE_SETTINGS = ("int8", "int4") if library == "gemlite" else ("int8",)
     reset_memory()
     model = build_model(config, layers)
     try:

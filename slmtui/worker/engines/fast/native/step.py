@@ -17,6 +17,7 @@ kernels); the engine then captures the whole step, compiled layers included, in 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -38,17 +39,7 @@ def attention_for(
     model without grouped heads are ``gqa`` here. With ``softcap`` (Gemma 2) it is
     ``attention.softcapped_attention``, named "softcap"."""
     if softcap:
-
-        def capped(
-            query: torch.Tensor,
-            key: torch.Tensor,
-            value: torch.Tensor,
-            mask: torch.Tensor,
-            scale: float,
-        ) -> torch.Tensor:
-            return softcapped_attention(query, key, value, mask, scale, softcap)
-
-        return "softcap", capped
+        return "softcap", functools.partial(softcapped_attention, softcap=softcap)
     if variant not in ATTENTION_FUNCTIONS or variant == "sdpa" or kv_heads == heads:
         variant = "gqa"
     function = ATTENTION_FUNCTIONS[variant]
