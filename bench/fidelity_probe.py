@@ -11,13 +11,15 @@ This probe answers that directly, on Qwen2.5-0.5B's config (random weights, bf16
   transformers step (CUDA graphs off, so the same hooks fire; fed plain's tokens) are run with
   the same hooks and compared with plain's record, bitwise;
 * every fast path (native, compiled, transformers; graphs on) is compared on its logits only
-  (the native layer has no transformers modules to hook), with plain's prefill call allowed
-  cuDNN (the default) and with ``SLMTUI_PREFILL_CUDNN=never``;
+  (the native layer has no transformers modules to hook), with plain's 64-row prefill call
+  allowed cuDNN (``SLMTUI_PREFILL_CUDNN=batched``, the default) and with ``never``;
 * what cuDNN costs a prefill: a first call at a new prompt length against a repeated one.
 
-Ready for the next device session: the same with PyTorch's opt-in ragged cuDNN path, which is
-meant to skip the per-length plan, checked against a plain that ran without it (plain's logits
-kept in the first process, read in the second)::
+The same with PyTorch's opt-in ragged cuDNN path, meant to skip the per-length plan, checked
+against a plain that ran without it (plain's logits kept in the first process, read in the
+second; on the H200 with torch 2.11 the path does not apply to transformers' prefill call, whose
+queries and keys are not in BSHD layout: it warns, falls back, and the first call at a new length
+still costs ~80 ms, ``bench/results/fidelity_probe_avoid_recompile_h200.json``)::
 
     python bench/fidelity_probe.py --out $OUT/probe.json --save-reference /tmp/plain.pt && \
     TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python bench/fidelity_probe.py \
@@ -332,9 +334,9 @@ def prefill_first_calls(model: Any) -> dict[str, Any]:
 def counting(real: Any, calls: list[bool]) -> Any:
     """``variable_shape_kernels`` that notes each call's ``plain_call``."""
 
-    def spy(device: Any, plain_call: bool = False) -> Any:
+    def spy(device: Any, plain_call: bool = False, rows: int = 1) -> Any:
         calls.append(plain_call)
-        return real(device, plain_call)
+        return real(device, plain_call, rows)
 
     return spy
 
@@ -342,8 +344,9 @@ def counting(real: Any, calls: list[bool]) -> Any:
 def refill_cost(model: Any, sequences: int, batch: int) -> dict[str, Any]:
     """What plain's prefill call on cuDNN costs a run like a real task's: ``sequences`` prompts
     of 64-512 tokens and budgets of 16-128 tokens (random, fixed seed), ``batch`` in flight,
-    the fast engine's default step, timed with ``SLMTUI_PREFILL_CUDNN`` plain and never (each
-    after its own warm-up on other lengths, so only the run's new shapes are first calls)."""
+    the fast engine's default step, timed with ``SLMTUI_PREFILL_CUDNN`` never, batched and plain
+    (each after its own warm-up on other lengths, so only the run's new shapes are first
+    calls)."""
     import random
 
     rng = random.Random(3)
@@ -357,7 +360,7 @@ def refill_cost(model: Any, sequences: int, batch: int) -> dict[str, Any]:
     ]
     warm = [GenerateRequest(as_text([7] * 40), 8), GenerateRequest(as_text([9] * 41), 8)]
     out: dict[str, Any] = {"sequences": sequences, "batch": batch}
-    for setting in ("never", "plain", "never"):
+    for setting in ("never", "batched", "plain"):
         os.environ["SLMTUI_PREFILL_CUDNN"] = setting
         engine = FastEngine(model, IdTokenizer(), batch_size=batch)
         engine.prepare(reqs, [])
@@ -495,7 +498,7 @@ def main() -> None:
                 args.save_reference,
             )
 
-    for setting in ("plain", "never"):
+    for setting in ("batched", "never"):
         os.environ["SLMTUI_PREFILL_CUDNN"] = setting
         for path in ("transformers", "native", "native_compiled"):
             label = f"fast_{path}_prefill_cudnn_{setting}"

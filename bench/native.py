@@ -367,7 +367,7 @@ FIDELITY_VARIANTS: dict[str, dict[str, Any]] = {
     **{
         f"{path}_prefill_cudnn_{setting}": {"path": path, "env": {"SLMTUI_PREFILL_CUDNN": setting}}
         for path in ("transformers", "native", "native_compiled")
-        for setting in ("never", "plain")
+        for setting in ("never", "batched", "plain")
     },
     "native_one_prefill": {"path": "native", "prefill": 1 << 20},
     "transformers_one_prefill": {"path": "transformers", "prefill": 1 << 20},

@@ -20,15 +20,19 @@ has no soft-cap; plain runs Gemma 2 eagerly too).
 ``variable_shape_kernels()`` keeps the cuDNN SDPA backend out of forwards whose shapes change
 from call to call (prefill chunks, log-likelihood batches): cuDNN builds an execution plan per
 new shape on the host (hundreds of ms each), which left the GPU 5% busy on bf16 log-likelihood.
-A prefill that is plain's own call (every prompt whole from position 0, no mask) keeps cuDNN
-out too unless ``SLMTUI_PREFILL_CUDNN=plain``: on the H200 plain's causal prefill runs cuDNN, and
-the same call on flash rounds differently in about a third of the rows, which makes greedy text
-leave plain's at the first near-tie (``bench/fidelity_probe.py``: 7/64 sequences identical to
-plain's on random weights, 24-29/64 with ``plain``, transformers' static cache 24-26). It is not
-the default because cuDNN's first call at each new prompt length costs ~50 ms, and a run refills
-one row at a time with prompts of every length: that setup would land in the measured window,
-hitting small models' speed hardest. (Accuracy on real items was within sampling noise of
-plain's with flash.)
+A prefill that is plain's own call (every prompt whole from position 0, no mask) runs cuDNN
+when it carries two or more rows (``SLMTUI_PREFILL_CUDNN=batched``, the default): on the H200
+plain's causal prefill runs cuDNN, and the same call on flash rounds differently in about a
+third of the rows, which makes greedy text leave plain's at the first near-tie
+(``bench/fidelity_probe.py``: 7/64 sequences identical to plain's on random weights with flash,
+24-29/64 with cuDNN, transformers' static cache 24-26). cuDNN's first call at each new shape
+costs 70-80 ms on the H200 (a plan per batch and prompt length): a batched call pays it once
+for all its rows, while one-row prefills (a run's refills, every prompt of a batch-1 run) come
+in every prompt length and would pay it inside the measured window, hitting small models'
+speed hardest, so they stay on flash (``plain`` lets them have cuDNN too; ``never`` keeps it out
+of every prefill). A one-row refill cannot be plain's call anyway: plain prefills its batches
+left-padded under a mask. Accuracy on real items was within sampling noise of plain's either
+way.
 """
 
 from __future__ import annotations
@@ -58,14 +62,14 @@ def causal_prefill(enabled: bool = True) -> Iterator[None]:
         _state["causal"] = previous
 
 
-PREFILL_CUDNN_SETTINGS = ("never", "plain")
+PREFILL_CUDNN_SETTINGS = ("batched", "plain", "never")
 
 
 def prefill_cudnn_setting() -> str:
-    """``SLMTUI_PREFILL_CUDNN``: ``never`` (default) or ``plain`` (plain's own prefill call may
-    take cuDNN, as plain's does); anything else is a ValueError naming the variable and what is
-    allowed."""
-    value = os.environ.get("SLMTUI_PREFILL_CUDNN", "never").strip().lower() or "never"
+    """``SLMTUI_PREFILL_CUDNN``: ``batched`` (default: plain's own prefill call may take cuDNN,
+    as plain's does, when it carries two or more rows), ``plain`` (one-row calls too) or
+    ``never``; anything else is a ValueError naming the variable and what is allowed."""
+    value = os.environ.get("SLMTUI_PREFILL_CUDNN", "batched").strip().lower() or "batched"
     if value not in PREFILL_CUDNN_SETTINGS:
         raise ValueError(
             f"SLMTUI_PREFILL_CUDNN='{value}': allowed {', '.join(PREFILL_CUDNN_SETTINGS)}"
@@ -73,11 +77,20 @@ def prefill_cudnn_setting() -> str:
     return value
 
 
+def cudnn_for_prefill(plain_call: bool, rows: int) -> bool:
+    """Whether a prefill of ``rows`` rows may run cuDNN (the module docstring says why)."""
+    setting = prefill_cudnn_setting()
+    return plain_call and (setting == "plain" or (setting == "batched" and rows >= 2))
+
+
 @contextlib.contextmanager
-def variable_shape_kernels(device: torch.device, plain_call: bool = False) -> Iterator[None]:
+def variable_shape_kernels(
+    device: torch.device, plain_call: bool = False, rows: int = 1
+) -> Iterator[None]:
     """SDPA without the cuDNN backend on CUDA (see the module docstring); a no-op elsewhere and
-    for plain's own prefill call (``plain_call``) with ``SLMTUI_PREFILL_CUDNN=plain``."""
-    if device.type != "cuda" or (plain_call and prefill_cudnn_setting() == "plain"):
+    for plain's own prefill call (``plain_call``) of ``rows`` rows where ``cudnn_for_prefill``
+    allows it."""
+    if device.type != "cuda" or cudnn_for_prefill(plain_call, rows):
         yield
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel

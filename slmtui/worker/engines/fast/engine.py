@@ -20,8 +20,9 @@ loglikelihood
     window is scored unpacked through ``plain``'s own path.
 
 Forwards whose shapes change from call to call (prefill, log-likelihood) run SDPA without the
-cuDNN backend (``attention.variable_shape_kernels``; ``SLMTUI_PREFILL_CUDNN=plain`` lets a prefill
-that is plain's own call take it, as plain's does). On an out-of-memory error the batch size
+cuDNN backend (``attention.variable_shape_kernels``), except a prefill of two or more rows that is
+plain's own call, which takes it as plain's does (``SLMTUI_PREFILL_CUDNN``: ``batched``, the
+default; ``plain`` for one-row calls too; ``never``). On an out-of-memory error the batch size
 halves and the unanswered requests start again (down to 1), as plain.
 """
 
@@ -48,6 +49,7 @@ from slmtui.worker.engines.fast.attention import (
     DECODE_ATTENTIONS,
     causal_prefill,
     decode_backend,
+    prefill_cudnn_setting,
     register_attention,
     variable_shape_kernels,
 )
@@ -179,6 +181,7 @@ class FastEngine(PlainEngine):
         self.auto_batch = batch_size == "auto"
         """Size ``batch_size`` in ``prepare`` from free memory and the longest request."""
         register_attention()
+        prefill_cudnn_setting()  # a bad SLMTUI_PREFILL_CUDNN fails here, before any forward
         requested_step = decode_step_setting(decode_step)
         compile_choice = compile_setting(compile_step)
         self.loop = LoopSettings(
@@ -606,7 +609,7 @@ class FastEngine(PlainEngine):
                 torch.inference_mode(),
                 self._attention(),
                 causal_prefill(plain_call),
-                variable_shape_kernels(dev, plain_call),
+                variable_shape_kernels(dev, plain_call, n),
             ):
                 logits = self._forward(
                     torch.tensor(ids, dtype=torch.long).to(dev),
