@@ -12,7 +12,8 @@ Two calls of under ten minutes each (torchao goes to a folder of its own, on PYT
     python bench/quant.py --smoke        # 2-layer models: a dry run, on a CPU too (~1 min)
 
 Variants (``--variants``): ``bf16``; ``int8`` and ``int4`` with torchao's own kernels
-(``SLMTUI_QUANT_KERNELS=torchao``); ``int8-gemlite`` and ``int4-gemlite`` through torchao's UIntx
+(``SLMTUI_QUANT_KERNELS=torchao``; int4 packed in 128-column tiles, ``int4-padded``: torchao's own
+tensor, input widths padded to 1,024); ``int8-gemlite`` and ``int4-gemlite`` through torchao's UIntx
 tensor with gemlite's Triton kernels (``SLMTUI_QUANT_KERNELS=gemlite``; gemlite 0.6 is pure
 Python on triton >= 3.6: ``pip download gemlite==0.6.0.post2 --no-deps -d .whl``, build its
 wheel, carry it; the gemlite variants join the default list when gemlite is installed). Each
@@ -115,7 +116,8 @@ def run_variant(
     else torchao's), run the fast engine."""
     quantize, _, library = variant.partition("-")
     quantize = "none" if quantize == "bf16" else quantize
-    os.environ["SLMTUI_QUANT_KERNELS"] = library or "torchao"
+    os.environ["SLMTUI_INT4_PACKING"] = "torchao" if library == "padded" else "tight"
+    os.environ["SLMTUI_QUANT_KERNELS"] = "torchao" if library in ("", "padded") else library
     reset_memory()
     model = build_model(config, layers)
     try:
@@ -254,8 +256,8 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="bf16,int8,int4" + (",int8-gemlite,int4-gemlite" if find_spec("gemlite") else ""),
-        help="comma-separated: bf16, int8, int4, int8-gemlite, int4-gemlite; a +eager suffix "
-        "runs the native step uncompiled",
+        help="comma-separated: bf16, int8, int4, int4-padded, int8-gemlite, int4-gemlite; a "
+        "+eager suffix runs the native step uncompiled",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per entry (best)")
     args = parser.parse_args()

@@ -28,8 +28,9 @@ gemlite's int4, built for bfloat16, ran 1.09x, so it runs only when asked for.
 ``quantize_scheme`` and ``quantize_kernels`` name what ran.
 
 torchao's default int4 format ("plain") needs the separate ``mslk`` kernel package; the
-tile-packed format needs nothing beyond torch and a GPU of compute capability 8.0 or newer, and
-pads every weight's input width to a multiple of 1024 (stored bytes count the padding). A tied
+tile-packed format needs nothing beyond torch and a GPU of compute capability 8.0 or newer;
+slmtui packs it in the kernel's 128-column tiles, not torchao's 1,024 (``worker.int4_tiles``;
+stored bytes count what padding is left). A tied
 output embedding (the input embedding's matrix) is left in full precision: quantising it would
 add a second copy, not save one.
 """

@@ -9,9 +9,10 @@ it as on full precision (the quantised matmuls are ordinary kernels, nothing syn
 Left in full precision: the embeddings, norms and a tied output embedding (quantising it would
 add a second copy of the matrix, not save one). int4 groups 128 input features per scale; a layer
 whose input width is not a multiple of 128 (SmolLM2-135M's 576) takes group 64 or
-32 instead (torchao would otherwise skip it silently), and the scheme says so. torchao's int4
-tile-packed format pads each weight's input width to a multiple of 1024 (and the activations with
-it): a 576-wide layer is stored 1.8x larger than its shape, which ``weight_bytes`` counts.
+32 instead (torchao would otherwise skip it silently), and the scheme says so. int4 is packed for
+tinygemm in 128-column tiles (``worker.int4_tiles``: a 576-wide layer is stored 640 wide, which
+``weight_bytes`` counts), where torchao's own tile-packed tensor pads to 1,024 columns
+(``SLMTUI_INT4_PACKING=torchao`` keeps that, for comparison).
 Layers are counted after quantising: what torchao left in full precision is listed, never
 claimed. torchao is imported lazily, here and in ``worker.gemlite_weights``.
 
@@ -26,6 +27,7 @@ matrix (``fusion.unfuse_projections`` first): gemlite 0.5 does not compute a str
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -180,8 +182,16 @@ def _quantizer(quantize: str, kernels: str) -> Any:
         return lambda linear: quantize_linear(linear, bits, group_of(linear))
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
+    tight = quantize == "int4" and int4_packing() == "tight"
+
     def torchao_one(linear: torch.nn.Linear) -> None:
         group = group_of(linear)
+        if group is not None and tight:
+            from slmtui.worker.int4_tiles import TightInt4Tensor
+
+            packed = TightInt4Tensor.from_weight(linear.weight.detach(), group)
+            linear.weight = torch.nn.Parameter(packed, requires_grad=False)
+            return
         config = (
             Int8WeightOnlyConfig()
             if group is None
@@ -190,6 +200,15 @@ def _quantizer(quantize: str, kernels: str) -> Any:
         quantize_(linear, config)
 
     return torchao_one
+
+
+def int4_packing() -> str:
+    """``SLMTUI_INT4_PACKING``: ``tight`` (default: ``worker.int4_tiles``, 128-column tiles)
+    or ``torchao`` (torchao's tensor, input widths padded to 1,024); ValueError otherwise."""
+    value = os.environ.get("SLMTUI_INT4_PACKING", "tight").strip().lower() or "tight"
+    if value not in ("tight", "torchao"):
+        raise ValueError(f"SLMTUI_INT4_PACKING={value!r}: one of tight, torchao")
+    return value
 
 
 def _is_quantized(module: torch.nn.Module) -> bool:
@@ -259,6 +278,10 @@ def quantize_model(model: Any, quantize: str) -> dict[str, Any]:
             f"(e.g. {left[0]}: {tuple(chosen[left[0]].weight.shape)})"
         )
     described = scheme(quantize, kernels) or quantize
+    if quantize == "int4" and kernels == "torchao":
+        described += (
+            ", 128-column tiles" if int4_packing() == "tight" else ", widths padded to 1,024"
+        )
     if quantize == "int4":
         smaller = sorted(
             {g for n in done if (g := int4_group(modules[n].in_features)) != INT4_GROUP_SIZE},
