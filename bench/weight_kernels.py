@@ -17,7 +17,9 @@ the bf16 weight as the floor. Kernels:
 * with ``--fbgemm``: FBGEMM GenAI's CUTLASS mixed-input kernels (``fbgemm int4 rowwise``,
   ``fbgemm int4 shuffled``: int4 in groups of 128 with bf16 scales and zero points, the kernels
   torchao's "plain" and "preshuffled" int4 formats call through ``mslk``, which PyPI does not
-  carry) and its 8-bit batch-1 GEMV (``fbgemm fp8 fast_gemv``: e4m3 weights, one scale).
+  carry) and its 8-bit batch-1 GEMV (``fbgemm fp8 fast_gemv``: e4m3 weights, one scale);
+* with ``--bnb``: bitsandbytes' 4-bit batch-1 inference GEMV (``bnb nf4 b<B>``: NF4 in blocks of
+  B with a float32 absmax per block, ``matmul_4bit`` at one row).
 
     PYTHONPATH=/tmp/tao:$PWD/.whl/gemlite05 python bench/weight_kernels.py --out $OUT/k.json \
         [--fbgemm /tmp/fb/fbgemm_gpu/experimental/gen_ai/fbgemm_gpu_experimental_gen_ai.so]
@@ -89,6 +91,14 @@ def fbgemm_fp8_gemv(w: torch.Tensor) -> tuple[Callable, int]:
     return (lambda x: torch.ops.fbgemm.bf16fp8bf16_fast_gemv(x, wq, scale)), wq.numel() + 4
 
 
+def bnb_4bit(w: torch.Tensor, blocksize: int, kind: str) -> tuple[Callable, int]:
+    import bitsandbytes as bnb
+
+    packed, state = bnb.functional.quantize_4bit(w, blocksize=blocksize, quant_type=kind)
+    nbytes = packed.numel() * packed.element_size() + state.absmax.numel() * 4
+    return (lambda x: bnb.matmul_4bit(x, packed.t(), state)), nbytes
+
+
 def gemlite_layer(w: torch.Tensor, bits: int, kind: str) -> tuple[Callable, int]:
     import gemlite
     from torchao.prototype.quantization.uintx.uintx_bit_packed_tensor import (
@@ -115,7 +125,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--gemlite", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--fbgemm", type=Path, help="FBGEMM GenAI's shared library")
-    parser.add_argument("--only-fbgemm", action="store_true")
+    parser.add_argument("--only-fbgemm", action="store_true", help="with --bnb: only the two")
+    parser.add_argument("--bnb", action="store_true", help="bitsandbytes' 4-bit GEMV")
     args = parser.parse_args()
     if args.fbgemm:
         torch.ops.load_library(str(args.fbgemm))
@@ -153,11 +164,15 @@ def main() -> None:
             for layout in ("rowwise", "shuffled"):
                 makers[f"fbgemm int4 {layout}"] = lambda w=w, lay=layout: fbgemm_int4(w, lay)
             makers["fbgemm fp8 fast_gemv"] = lambda w=w: fbgemm_fp8_gemv(w)
+        if args.bnb and name not in UNFUSED:
+            for block in (64, 128):
+                for kind in ("nf4", "fp4"):
+                    makers[f"bnb {kind} b{block}"] = lambda w=w, b=block, t=kind: bnb_4bit(w, b, t)
         if args.only_fbgemm:
             makers = {
                 key: make
                 for key, make in makers.items()
-                if key.startswith("fbgemm") or name in LM_HEAD
+                if key.startswith(("fbgemm", "bnb")) or name in LM_HEAD
             }
         if args.gemlite and (name in UNFUSED or name in ("o", "down")):
             for bits in (4, 8):
