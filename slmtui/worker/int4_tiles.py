@@ -94,7 +94,8 @@ _parent_slice = Int4TilePackedTo4dTensor._ATEN_OP_TABLE[Int4TilePackedTo4dTensor
 def _slice(func: Any, types: Any, args: Any, kwargs: Any) -> TightInt4Tensor:
     """torchao's slice of rows (a view of the packed rows and their scales), kept narrow;
     columns are not sliced (torchao's column arithmetic assumes its own padding)."""
-    if args[1] != 0:
+    dim = args[1] if len(args) > 1 else 0
+    if dim != 0:
         raise NotImplementedError("TightInt4Tensor slices rows (dim 0) only")
     part = _parent_slice(func, types, args, kwargs)
     return TightInt4Tensor(
