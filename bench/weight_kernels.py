@@ -43,7 +43,7 @@ from gemlite_probe import SHAPES, timed
 UNFUSED = {"q": (3584, 3584), "k": (512, 3584), "up": (18944, 3584)}
 """The shapes gemlite runs (it quantises each projection on its own)."""
 LM_HEAD = {"lm_head": (152064, 3584)}
-"""The output projection, which slmtui leaves in bf16."""
+"""The output projection (slmtui quantises it too where it is not tied to the embedding)."""
 
 
 def tinygemm(w: torch.Tensor, group: int, tiles: int) -> tuple[Callable, int]:
@@ -125,7 +125,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--gemlite", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--fbgemm", type=Path, help="FBGEMM GenAI's shared library")
-    parser.add_argument("--only-fbgemm", action="store_true", help="with --bnb: only the two")
+    parser.add_argument(
+        "--only-fbgemm",
+        action="store_true",
+        help="only the --fbgemm and --bnb kernels (and the head's tinygemm)",
+    )
     parser.add_argument("--bnb", action="store_true", help="bitsandbytes' 4-bit GEMV")
     args = parser.parse_args()
     if args.fbgemm:

@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("torchao")
 
+from slmtui.worker.fusion import share_rows
 from slmtui.worker.int4_tiles import TILE_COLUMNS, TightInt4Tensor, packed_width
 from slmtui.worker.quantize import int4_packing, tensor_bytes
 
@@ -67,15 +68,13 @@ def test_tight_products_equal_torchaos_padded_ones(shape: tuple[int, int], group
 
 @needs_gpu
 def test_a_row_slice_stays_narrow_and_computes_its_rows():
-    w = _weight(384, 640)
-    tight = TightInt4Tensor.from_weight(w, 128)
-    part = tight[128:256]
+    tight = TightInt4Tensor.from_weight(_weight(384, 640), 128)
+    assert isinstance(tight[128:256], TightInt4Tensor)
+    part = share_rows(tight, 128, 256)  # what a fused group's member gets
     assert isinstance(part, TightInt4Tensor) and part.shape == (128, 640)
     x = torch.randn(2, 640, device="cuda").bfloat16()
     whole = torch.nn.functional.linear(x, tight)
-    scales = part.scale_and_zero.contiguous()
-    rows = TightInt4Tensor(part.qdata, scales, part.block_size, part.shape, act_pre_scale=None)
-    assert torch.equal(torch.nn.functional.linear(x, rows), whole[:, 128:256])
+    assert torch.equal(torch.nn.functional.linear(x, part), whole[:, 128:256])
 
 
 @needs_gpu
